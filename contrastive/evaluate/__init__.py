@@ -1,0 +1,1 @@
+"""Measuring a representation: kNN and linear probe on frozen features."""

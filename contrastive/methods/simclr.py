@@ -1,0 +1,40 @@
+"""SimCLR (Chen et al. 2020): the other views of the global batch are the negatives."""
+
+import jax.numpy as jnp
+import ml_collections
+
+from contrastive import losses
+from contrastive import models
+
+
+def build_model(config: ml_collections.ConfigDict):
+  return models.build_model(config.model, config.head)
+
+
+def init_method_state(config, params):
+  del config, params
+  return {}
+
+
+def loss(model, params, batch_stats, method_state, views, config, axis_name):
+  """Both views go through the network as one batch, so BN sees both."""
+  del method_state
+  view1, view2 = views
+  n = view1.shape[0]
+  (_, projections), updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      jnp.concatenate([view1, view2]), train=True, mutable=['batch_stats'])
+  value = losses.nt_xent(projections[:n], projections[n:],
+                         config.simclr.temperature, axis_name=axis_name)
+  return value, (updates['batch_stats'], {})
+
+
+def update_method_state(method_state, params, step, config):
+  del params, step, config
+  return method_state
+
+
+def encode(model, params, batch_stats, images):
+  features, _ = model.apply({'params': params, 'batch_stats': batch_stats},
+                            images, train=False)
+  return features

@@ -1,0 +1,78 @@
+"""Run metrics: JSON lines and TensorBoard in the workdir, console progress.
+
+Only process 0 writes; the others get a writer that does nothing, so the trainer
+never branches on the process index.
+"""
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Appends ``{"step": s, **scalars}`` to ``metrics.jsonl`` and TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    self._jsonl = None
+    self._tensorboard = None
+    if not self._active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:
+      logging.warning('tensorboardX is not installed: metrics go to metrics.jsonl only.')
+
+  def write(self, step: int, scalars: dict):
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._jsonl.flush()
+    if self._tensorboard is not None:
+      for name, value in scalars.items():
+        self._tensorboard.add_scalar(name, value, int(step))
+      self._tensorboard.flush()
+
+  def close(self):
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def read_metrics(workdir: str) -> dict[int, dict]:
+  """The last record written for each step (a resumed run rewrites some steps)."""
+  records = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      records[record['step']] = record
+  return records
+
+
+class Progress:
+  """Images/s and ETA over the interval since the last report."""
+
+  def __init__(self, start_step: int, total_steps: int, global_batch: int):
+    self._total = total_steps
+    self._batch = global_batch
+    self._last_step, self._last_time = start_step, time.perf_counter()
+
+  def report(self, step: int) -> dict:
+    now = time.perf_counter()
+    seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
+    self._last_step, self._last_time = step, now
+    return {'images_per_second': self._batch / seconds_per_step,
+            'eta_seconds': seconds_per_step * (self._total - step)}
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

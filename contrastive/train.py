@@ -1,0 +1,323 @@
+"""The trainer, one function read top to bottom: :func:`train_and_evaluate`.
+
+Sections: mesh, data, state, restore, step, loop, evaluation. Nothing here is
+specific to one method; methods plug in through :mod:`contrastive.methods`.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from contrastive import checkpoint
+from contrastive import metrics as metrics_lib
+from contrastive import optim
+from contrastive import parallel
+from contrastive.data import augment
+from contrastive.data import sources
+from contrastive.evaluate import features as features_lib
+from contrastive.evaluate import knn
+from contrastive.evaluate import linear_probe
+from contrastive.methods import TrainState, get_method
+
+AXIS = parallel.AXIS
+
+
+# ----------------------------------------------------------------------------- data
+
+class InMemoryTrainData:
+  """Training batches from a dataset held in host memory.
+
+  The split is cut into one contiguous block per device of the mesh, and each
+  device draws its part of every global batch from its own block, in an order
+  fixed by (seed, epoch, device position). A process therefore loads only its
+  devices' blocks, a batch is a pure function of the step (so a resumed run sees
+  exactly the batches it would have seen), and a 2-process x 4-device run sees the
+  same global batches as a 1-process x 8-device one.
+  """
+
+  def __init__(self, data_config, mesh, per_device_batch: int, seed: int):
+    num_devices = mesh.devices.size
+    self._positions = parallel.local_device_positions(mesh)
+    blocks = [sources.load_arrays(data_config, 'train', shard_index=d,
+                                  shard_count=num_devices) for d in self._positions]
+    self._images = [block.images for block in blocks]
+    skipped = sum(block.skipped for block in blocks)
+    local_size = sum(len(images) for images in self._images)
+    self.num_examples = int(np.sum(multihost_utils.process_allgather(
+        np.asarray(local_size))))
+    self.skipped = int(np.sum(multihost_utils.process_allgather(np.asarray(skipped))))
+    # Blocks differ in size by at most one image: all use the smallest length.
+    self._block_length = self.num_examples // num_devices
+    self._batch = per_device_batch
+    self._seed = seed
+    self.steps_per_epoch = self._block_length // per_device_batch
+    if self.steps_per_epoch == 0:
+      raise ValueError(
+          f'The training split has {self.num_examples} images, fewer than one global '
+          f'batch of {per_device_batch * num_devices}: lower config.global_batch_size.')
+    self.image_shape = self._images[0].shape[1:]
+    self._orders = (None, None)
+
+  def _order(self, epoch: int):
+    if self._orders[0] != epoch:
+      self._orders = (epoch, [
+          np.random.default_rng([self._seed, epoch, position]).permutation(
+              self._block_length) for position in self._positions])
+    return self._orders[1]
+
+  def batch(self, step: int) -> dict:
+    epoch, index = divmod(step, self.steps_per_epoch)
+    window = slice(index * self._batch, (index + 1) * self._batch)
+    return {'image': np.concatenate([
+        images[order[window]] for images, order in zip(self._images, self._order(epoch))])}
+
+
+def device_views(step_key, batch, aug, image_size: int):
+  """Two augmented views of this replica's images.
+
+  Each image's randomness comes from its position in the global batch, so the
+  views do not depend on how the batch is split across devices.
+  """
+  images = batch['image'] if 'image' in batch else None
+  local = (images if images is not None else batch['view1']).shape[0]
+  positions = jax.lax.axis_index(AXIS) * local + jnp.arange(local)
+  image_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, positions)
+
+  def one_view(view: int, pixels, crop: bool):
+    keys = jax.vmap(jax.random.fold_in, (0, None))(image_keys, view)
+    return jax.vmap(lambda key, image: augment.augment_batch(
+        key, image[None], aug, image_size, crop=crop)[0])(keys, pixels)
+
+  if images is not None:
+    return one_view(1, images, True), one_view(2, images, True)
+  return one_view(1, batch['view1'], False), one_view(2, batch['view2'], False)
+
+
+# ----------------------------------------------------------------------------- step
+
+def make_train_step(method, model, config, tx, schedule, image_size: int):
+  """The per-replica train step, to be mapped over the mesh."""
+
+  def train_step(state: TrainState, batch):
+    step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    views = device_views(step_key, batch, config.aug, image_size)
+
+    def loss_fn(params):
+      return method.loss(model, params, state.batch_stats, state.method_state, views,
+                         config, AXIS)
+
+    # The loss is already the global-batch loss on every replica (pmean inside),
+    # so under shard_map its gradient is the global gradient: no pmean here.
+    (loss, (batch_stats, method_metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    if config.model.bn == 'local':
+      batch_stats = jax.lax.pmean(batch_stats, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    method_state = method.update_method_state(state.method_state, params, state.step,
+                                              config)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state,
+                              method_state=method_state)
+    scalars = {'loss': loss, 'learning_rate': schedule(state.step),
+               'grad_norm': optax.tree.norm(grads), **method_metrics}
+    return new_state, scalars
+
+  return train_step
+
+
+def make_encode_step(method, model, config):
+  def encode_step(state: TrainState, images):
+    pixels = augment.preprocess_eval(images, config.aug)
+    return method.encode(model, state.params, state.batch_stats, pixels)
+  return encode_step
+
+
+def init_state(method, model, tx, config, image_shape) -> TrainState:
+  """Random initial state, a pure function of ``config.seed``."""
+  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  # Initialise outside the mesh: BatchNorm must not look for the data axis.
+  variables = model.clone(
+      encoder=model.encoder.clone(bn_axis_name=None),
+      head=model.head.clone(bn_axis_name=None)).init(
+          jax.random.key(config.seed), dummy, train=False)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=batch_stats, opt_state=tx.init(params),
+                    method_state=method.init_method_state(config, params))
+
+
+# ----------------------------------------------------------------------------- main
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pretrains, checkpoints, and ends with kNN / linear-probe figures.
+
+  Restarting with the same ``workdir`` resumes from its latest checkpoint.
+  Returns the final evaluation figures (empty when evaluation is off).
+  """
+  # --- mesh
+  mesh = parallel.make_mesh()
+  local_batch = parallel.check_global_batch(config.global_batch_size, mesh)
+  per_device_batch = config.global_batch_size // mesh.devices.size
+  method = get_method(config.method)
+  model = method.build_model(config)
+  logging.info('%d process(es), %d device(s); global batch %d.',
+               jax.process_count(), mesh.devices.size, config.global_batch_size)
+
+  # --- data
+  image_size = config.data.image_size
+  if config.data.in_memory:
+    train_data = InMemoryTrainData(config.data, mesh, per_device_batch, config.seed)
+    steps_per_epoch = train_data.steps_per_epoch
+    if train_data.skipped:
+      logging.warning('%d unreadable image(s) skipped in the training split.',
+                      train_data.skipped)
+  else:
+    from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+    num_examples = sources.num_examples(config.data, 'train')
+    steps_per_epoch = num_examples // config.global_batch_size
+  total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+
+  # --- state
+  peak_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
+  schedule = optim.learning_rate_schedule(
+      peak_lr, int(round(config.optim.warmup_epochs * steps_per_epoch)), total_steps)
+  tx = optim.make_optimizer(config.optim, schedule)
+  image_shape = (image_size, image_size, 3)
+  state = jax.device_put(init_state(method, model, tx, config, image_shape),
+                         parallel.replicated(mesh))
+
+  # --- restore
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  state = checkpoint.restore_or_keep(manager, state)
+  start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # --- step
+  train_step = parallel.per_replica(
+      make_train_step(method, model, config, tx, schedule, image_size), mesh,
+      in_specs=(P(), P(AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
+  if config.data.in_memory:
+    next_batch = train_data.batch
+  else:
+    # A streamed run restarted mid-way reshuffles from a seed tied to the resume
+    # step: the data order differs from an uninterrupted run (in-memory runs don't).
+    stream = pipeline.train_iterator(
+        config.data, config.aug, local_batch, seed=config.seed + start_step,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    next_batch = lambda step: next(stream)
+
+  # --- loop
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(start_step, total_steps, config.global_batch_size)
+  logging.info('Training steps %d -> %d (%d per epoch), peak learning rate %.4g.',
+               start_step, total_steps, steps_per_epoch, peak_lr)
+  try:
+    for step in range(start_step, total_steps):
+      batch = parallel.host_to_global(next_batch(step), mesh)
+      state, scalars = train_step(state, batch)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        scalars = {**jax.device_get(scalars), **progress.report(done),
+                   'epoch': done / steps_per_epoch}
+        if not np.isfinite(scalars['loss']):
+          raise FloatingPointError(f'Loss became {scalars["loss"]} at step {done}; the '
+                                   f'last good checkpoint is in {manager.directory}.')
+        writer.write(done, scalars)
+        if jax.process_index() == 0:
+          print(f'step {done}/{total_steps}  epoch {scalars["epoch"]:.2f}  '
+                f'loss {scalars["loss"]:.4f}  lr {scalars["learning_rate"]:.4g}  '
+                f'{scalars["images_per_second"]:.0f} img/s  '
+                f'ETA {metrics_lib.format_duration(scalars["eta_seconds"])}', flush=True)
+      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+        checkpoint.save(manager, state)
+  finally:
+    # An exception (not a kill) still lets the checkpoint in flight complete.
+    checkpoint.finish(manager)
+
+  # --- evaluation
+  results = {}
+  if config.eval.enabled:
+    encode_step = parallel.per_replica(make_encode_step(method, model, config), mesh,
+                                       in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+    encoders = {'trained': state}
+    if config.eval.compare_random_init:
+      encoders['random weights'] = jax.device_put(
+          init_state(method, model, tx, config, image_shape), parallel.replicated(mesh))
+    results = evaluate(encoders, encode_step, config, mesh, image_shape)
+    writer.write(total_steps, {f'{name}/{metric}': value
+                               for name, figures in results.items()
+                               for metric, value in figures.items()})
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+      print(format_results(results, config), flush=True)
+  writer.close()
+  return results
+
+
+# ----------------------------------------------------------------------------- eval
+
+def evaluate(encoders: dict, encode_step, config, mesh, image_shape) -> dict:
+  """kNN and linear-probe accuracy on the eval split for each encoder state."""
+  local_batch = config.eval.batch_size // jax.process_count()
+  parallel.check_global_batch(config.eval.batch_size, mesh)
+  splits = {split: _eval_split(config.data, split) for split in ('train', 'eval')}
+  num_classes = splits['train'].num_classes
+  if num_classes is None:
+    raise ValueError('Evaluation needs labels, and the training split has none: set '
+                     'config.eval.enabled=False for an unlabelled dataset.')
+  results = {}
+  for name, state in encoders.items():
+    features = {split: features_lib.extract_features(
+        encode_step, state, _eval_batches(config.data, arrays, local_batch), mesh,
+        local_batch, image_shape) for split, arrays in splits.items()}
+    (train_x, train_y), (eval_x, eval_y) = features['train'], features['eval']
+    probe = linear_probe.train_linear_probe(
+        train_x, train_y, num_classes, epochs=config.eval.probe_epochs,
+        learning_rate=config.eval.probe_learning_rate, seed=config.seed)
+    results[name] = {
+        'knn_accuracy': knn.knn_accuracy(
+            train_x, train_y, eval_x, eval_y, num_classes, k=config.eval.knn_k,
+            temperature=config.eval.knn_temperature),
+        'linear_probe_accuracy': linear_probe.probe_accuracy(probe, eval_x, eval_y),
+    }
+  return results
+
+
+def _eval_split(data_config, split: str):
+  """This process's block of a split for evaluation (in-memory datasets)."""
+  if not data_config.in_memory:
+    return sources.split_info(data_config, split)
+  return sources.load_arrays(data_config, split, shard_index=jax.process_index(),
+                             shard_count=jax.process_count())
+
+
+def _eval_batches(data_config, arrays, local_batch):
+  if data_config.in_memory:
+    return features_lib.padded_batches(arrays.images, arrays.labels, local_batch)
+  from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.eval_iterator(data_config, arrays.split, local_batch,
+                                jax.process_index(), jax.process_count())
+
+
+def format_results(results: dict, config) -> str:
+  lines = [f'Evaluation on the held-out split ({config.eval.knn_k}-NN, temperature '
+           f'{config.eval.knn_temperature}; linear probe {config.eval.probe_epochs} '
+           'epochs):',
+           f'  {"encoder":<16}{"kNN top-1":>12}{"linear top-1":>15}']
+  for name, figures in results.items():
+    lines.append(f'  {name:<16}{100 * figures["knn_accuracy"]:>11.2f}%'
+                 f'{100 * figures["linear_probe_accuracy"]:>14.2f}%')
+  return '\n'.join(lines)

@@ -1,0 +1,32 @@
+"""Every test sees 8 simulated CPU devices (set before JAX is imported)."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def tiny_config():
+  """The quickstart recipe shrunk to a few seconds a run."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  config = quickstart.get_config()
+  config.global_batch_size = 16
+  config.num_epochs = 0.1
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.model.name = 'resnet10'
+  config.model.width = 0.0625
+  config.head.out_dim = 16
+  config.data.image_size = 16
+  config.eval.enabled = False
+  config.eval.batch_size = 64
+  config.eval.probe_epochs = 5
+  return config
+
+
+@pytest.fixture
+def config():
+  return tiny_config()

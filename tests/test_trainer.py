@@ -1,0 +1,126 @@
+"""End-to-end trainer: resume after a crash, 2 processes vs 1, input errors."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from contrastive import metrics
+from contrastive import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(workdir):
+  return {step: record['loss'] for step, record in metrics.read_metrics(workdir).items()
+          if 'loss' in record}
+
+
+def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch):
+  config.checkpoint_every_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  expected = _losses(tmp_path / 'straight')
+  total = max(expected)
+  assert total >= 6
+
+  real_batch = train.InMemoryTrainData.batch
+
+  def batch_then_die(self, step):
+    if step == 5:
+      raise KeyboardInterrupt('simulated kill')
+    return real_batch(self, step)
+
+  monkeypatch.setattr(train.InMemoryTrainData, 'batch', batch_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert set(_losses(tmp_path / 'resumed')) == {1, 2, 3, 4, 5}
+  monkeypatch.setattr(train.InMemoryTrainData, 'batch', real_batch)
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))   # the same command again
+  resumed = _losses(tmp_path / 'resumed')
+  assert sorted(resumed) == sorted(expected)
+  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
+                             [expected[s] for s in sorted(expected)], rtol=1e-6)
+  checkpoints = os.listdir(tmp_path / 'resumed' / 'checkpoints')
+  assert str(total) in checkpoints
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _overrides(config):
+  """The tiny test config as command-line overrides of the quickstart file."""
+  return [f'--config.{key}={value}' for key, value in [
+      ('global_batch_size', config.global_batch_size), ('num_epochs', config.num_epochs),
+      ('log_every_steps', 1), ('checkpoint_every_steps', 100),
+      ('model.name', config.model.name), ('model.width', config.model.width),
+      ('head.out_dim', config.head.out_dim), ('data.image_size', config.data.image_size),
+      ('eval.enabled', False)]]
+
+
+def test_two_processes_match_one_process(config, tmp_path):
+  """2 processes x 4 devices (gloo over loopback) give the loss sequence of 1 x 8."""
+  config.num_epochs = 0.05     # 4 steps
+  train.train_and_evaluate(config, str(tmp_path / 'one'))
+  expected = _losses(tmp_path / 'one')
+  assert len(expected) == 4
+
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             PYTHONPATH=REPO)
+  command = [sys.executable, '-m', 'contrastive.main',
+             '--config=' + os.path.join(REPO, 'configs', 'quickstart.py'),
+             '--workdir=' + str(tmp_path / 'two'), '--distributed',
+             f'--coordinator_address=localhost:{port}', '--num_processes=2',
+             *_overrides(config)]
+  processes = [subprocess.Popen(command + [f'--process_id={i}'], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 0, output[-3000:]
+  got = _losses(tmp_path / 'two')
+  assert sorted(got) == sorted(expected)
+  np.testing.assert_allclose([got[s] for s in sorted(got)],
+                             [expected[s] for s in sorted(expected)], rtol=1e-5)
+
+
+def _run_main(*args):
+  return subprocess.run([sys.executable, '-m', 'contrastive.main', *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+  result = _run_main('--config=configs/quickstart.py', f'--workdir={tmp_path}',
+                     '--config.optim.learning_rate=0.1')
+  assert result.returncode != 0
+  assert 'learning_rate' in result.stderr
+
+
+def test_indivisible_batch_is_a_clear_error(tmp_path):
+  result = _run_main('--config=configs/quickstart.py', f'--workdir={tmp_path}',
+                     '--config.global_batch_size=250')
+  assert result.returncode == 1
+  assert 'config.global_batch_size=250' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('field, value, valid', [
+    ('model.name', 'resnet19', 'resnet18'),
+    ('method', 'byol', 'simclr'),
+    ('data.source', 'hub', 'folder'),
+    ('optim.name', 'lamb', 'lars'),
+    ('model.stem', 'patch', 'cifar'),
+])
+def test_unknown_names_list_the_valid_ones(config, tmp_path, field, value, valid):
+  section, _, name = field.rpartition('.')
+  setattr(config[section] if section else config, name, value)
+  with pytest.raises(ValueError, match=valid) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert value in str(error.value)
