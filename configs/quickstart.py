@@ -2,7 +2,7 @@
 
     python -m contrastive.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 
-The 1,797 8x8 digits ship inside scikit-learn; they are upsampled to 32x32 and 50
+The 1,797 8x8 digits ship inside scikit-learn; they are upsampled to 16x16 and 50
 per class are held out for the final kNN / linear-probe evaluation, which also
 reports the same network with random weights.
 """
@@ -13,7 +13,7 @@ from contrastive.config import base_config
 def get_config(arg=None):
   del arg
   config = base_config()
-  config.global_batch_size = 256
+  config.global_batch_size = 128
   config.num_epochs = 30.0
   config.log_every_steps = 10
   config.checkpoint_every_steps = 50
@@ -26,7 +26,7 @@ def get_config(arg=None):
 
   config.data.source = 'digits'
   config.data.holdout_per_class = 50
-  config.data.image_size = 32
+  config.data.image_size = 16
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
 
@@ -39,4 +39,5 @@ def get_config(arg=None):
   config.optim.warmup_epochs = 3.0
   config.optim.weight_decay = 1e-4
   config.eval.batch_size = 256
+  config.eval.knn_k = 20                   # 130 training images per class
   return config

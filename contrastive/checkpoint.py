@@ -4,7 +4,6 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -19,7 +18,6 @@ def restore_or_keep(manager: ocp.CheckpointManager, state):
   step = manager.latest_step()
   if step is None:
     return state
-  logging.info('Resuming from the checkpoint of step %d in %s.', step, manager.directory)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 

@@ -38,7 +38,8 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  logging.set_verbosity(logging.INFO)
+  # Progress goes to the console; libraries' INFO logs (Orbax) would drown it.
+  logging.set_verbosity(logging.WARNING)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -48,12 +48,12 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> dict[int, dict]:
-  """The last record written for each step (a resumed run rewrites some steps)."""
+  """All scalars of each step; where a resumed run rewrote a step, the later value."""
   records = {}
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
       record = json.loads(line)
-      records[record['step']] = record
+      records.setdefault(record['step'], {}).update(record)
   return records
 
 

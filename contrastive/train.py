@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
@@ -28,6 +27,12 @@ from contrastive.evaluate import linear_probe
 from contrastive.methods import TrainState, get_method
 
 AXIS = parallel.AXIS
+
+
+def say(message: str) -> None:
+  """Console output for people, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -143,16 +148,19 @@ def make_encode_step(method, model, config):
 
 def init_state(method, model, tx, config, image_shape) -> TrainState:
   """Random initial state, a pure function of ``config.seed``."""
-  dummy = jnp.zeros((2, *image_shape), jnp.float32)
   # Initialise outside the mesh: BatchNorm must not look for the data axis.
-  variables = model.clone(
-      encoder=model.encoder.clone(bn_axis_name=None),
-      head=model.head.clone(bn_axis_name=None)).init(
-          jax.random.key(config.seed), dummy, train=False)
-  params, batch_stats = variables['params'], variables['batch_stats']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats, opt_state=tx.init(params),
-                    method_state=method.init_method_state(config, params))
+  local_model = model.clone(encoder=model.encoder.clone(bn_axis_name=None),
+                            head=model.head.clone(bn_axis_name=None))
+
+  @jax.jit
+  def initialize(key):
+    variables = local_model.init(key, jnp.zeros((2, *image_shape)), train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                      method_state=method.init_method_state(config, params))
+
+  return initialize(jax.random.key(config.seed))
 
 
 # ----------------------------------------------------------------------------- main
@@ -169,17 +177,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   per_device_batch = config.global_batch_size // mesh.devices.size
   method = get_method(config.method)
   model = method.build_model(config)
-  logging.info('%d process(es), %d device(s); global batch %d.',
-               jax.process_count(), mesh.devices.size, config.global_batch_size)
+  say(f'{jax.process_count()} process(es), {mesh.devices.size} device(s) '
+      f'({jax.devices()[0].platform}); global batch {config.global_batch_size}.')
 
   # --- data
   image_size = config.data.image_size
   if config.data.in_memory:
     train_data = InMemoryTrainData(config.data, mesh, per_device_batch, config.seed)
     steps_per_epoch = train_data.steps_per_epoch
-    if train_data.skipped:
-      logging.warning('%d unreadable image(s) skipped in the training split.',
-                      train_data.skipped)
+    say(f'Training split: {train_data.num_examples} images in host memory'
+        + (f' ({train_data.skipped} unreadable file(s) skipped).' if train_data.skipped
+           else '.'))
   else:
     from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
     num_examples = sources.num_examples(config.data, 'train')
@@ -199,6 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   state = checkpoint.restore_or_keep(manager, state)
   start_step = int(jax.device_get(state.step))
+  if start_step:
+    say(f'Resuming from the checkpoint of step {start_step} in {manager.directory}.')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -221,8 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- loop
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(start_step, total_steps, config.global_batch_size)
-  logging.info('Training steps %d -> %d (%d per epoch), peak learning rate %.4g.',
-               start_step, total_steps, steps_per_epoch, peak_lr)
+  say(f'Training steps {start_step} -> {total_steps} ({steps_per_epoch} per epoch), '
+      f'peak learning rate {peak_lr:.4g}.')
   try:
     for step in range(start_step, total_steps):
       batch = parallel.host_to_global(next_batch(step), mesh)
@@ -235,11 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           raise FloatingPointError(f'Loss became {scalars["loss"]} at step {done}; the '
                                    f'last good checkpoint is in {manager.directory}.')
         writer.write(done, scalars)
-        if jax.process_index() == 0:
-          print(f'step {done}/{total_steps}  epoch {scalars["epoch"]:.2f}  '
-                f'loss {scalars["loss"]:.4f}  lr {scalars["learning_rate"]:.4g}  '
-                f'{scalars["images_per_second"]:.0f} img/s  '
-                f'ETA {metrics_lib.format_duration(scalars["eta_seconds"])}', flush=True)
+        say(f'step {done}/{total_steps}  epoch {scalars["epoch"]:.2f}  '
+            f'loss {scalars["loss"]:.4f}  lr {scalars["learning_rate"]:.4g}  '
+            f'{scalars["images_per_second"]:.0f} img/s  '
+            f'ETA {metrics_lib.format_duration(scalars["eta_seconds"])}')
       if done % config.checkpoint_every_steps == 0 or done == total_steps:
         checkpoint.save(manager, state)
   finally:
@@ -262,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)
-      print(format_results(results, config), flush=True)
+    say(format_results(results, config))
   writer.close()
   return results
 

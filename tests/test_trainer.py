@@ -124,3 +124,39 @@ def test_unknown_names_list_the_valid_ones(config, tmp_path, field, value, valid
   with pytest.raises(ValueError, match=valid) as error:
     train.train_and_evaluate(config, str(tmp_path))
   assert value in str(error.value)
+
+
+def _image_folder(root, classes=3, per_class=24, size=20):
+  """Coloured squares whose class is their colour, plus one corrupt file."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for c in range(classes):
+    os.makedirs(root / f'class{c}')
+    for i in range(per_class):
+      pixels = rng.integers(0, 60, (size, size, 3)) + np.eye(3, dtype=int)[c] * 190
+      Image.fromarray(pixels.astype(np.uint8)).save(root / f'class{c}' / f'{i}.png')
+  (root / 'class0' / 'broken.jpg').write_bytes(b'not an image at all')
+
+
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_image_folder_run_trains_and_evaluates(config, tmp_path, capsys, in_memory):
+  _image_folder(tmp_path / 'images')
+  config.data.source = 'folder'
+  config.data.path = str(tmp_path / 'images')
+  config.data.holdout_per_class = 4
+  config.data.in_memory = in_memory
+  config.data.eval_crop_fraction = 1.0
+  config.num_epochs = 1.0
+  config.eval.enabled = True
+  config.eval.compare_random_init = False
+  config.eval.batch_size = 16
+  config.eval.knn_k = 5
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  # 3 classes x 20 training images (the corrupt file skipped), batch 16: 3 steps.
+  assert sorted(_losses(tmp_path / 'run')) == [1, 2, 3]
+  # Colour decides the class: any encoder separates it.
+  assert results['trained']['knn_accuracy'] > 0.9
+  output = capsys.readouterr().out
+  assert 'kNN top-1' in output
+  if in_memory:
+    assert '1 unreadable file(s) skipped' in output

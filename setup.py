@@ -1,0 +1,33 @@
+"""Contrastive self-supervised pretraining of image encoders in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='contrastive',
+    version='0.1.0',
+    description='Contrastive self-supervised pretraining (SimCLR, ...) in JAX/Flax.',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['contrastive', 'contrastive.*']),
+    install_requires=[
+        'jax>=0.8',
+        'flax>=0.10',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11',
+        'ml-collections>=1.0',
+        'absl-py',
+        'numpy',
+        'pillow',               # image folders
+        'scikit-learn',         # the quickstart's digits dataset
+        'tensorboardX',         # TensorBoard event files without TensorFlow
+        'tensorflow-cpu>=2.16',  # tf.data host pipeline (never on the accelerator)
+        'tensorflow-datasets>=4.9',
+        'importlib_resources',  # tensorflow-datasets needs it to prepare datasets
+    ],
+    extras_require={
+        'test': ['pytest'],
+        'cuda': ['jax[cuda12]'],
+        'tpu': ['jax[tpu]'],
+    },
+)
