@@ -4,15 +4,20 @@
 
 Batch 512, LARS with lr 1.0 x B/256, temperature 0.5, colour strength 0.5, no blur,
 1000 epochs (about 91% linear top-1 published). The data comes from TFDS
-(``--config.data.data_dir``); for an image folder of CIFAR-10 images use
-``get_config('folder:/path/to/cifar10/train')``, which holds out 500 images per
-class for evaluation.
+(``--config.data.data_dir``); for a folder of CIFAR-10 images, one sub-folder per
+class, with 500 images per class held out for evaluation:
+
+    python -m contrastive.main --config=configs/simclr_cifar10.py --workdir=/tmp/run \
+        --config.data.source=folder --config.data.path=/data/cifar10/train \
+        --config.data.holdout_per_class=500
 """
 
 from contrastive.config import base_config
+from contrastive.data import augment
 
 
 def get_config(arg=None):
+  del arg
   config = base_config()
   config.global_batch_size = 512
   config.num_epochs = 1000.0
@@ -30,14 +35,8 @@ def get_config(arg=None):
   config.data.image_size = 32
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
-  if arg and arg.startswith('folder:'):
-    config.data.source = 'folder'
-    config.data.path = arg[len('folder:'):]
-    config.data.holdout_per_class = 500
 
-  config.aug.brightness, config.aug.contrast, config.aug.saturation = 0.4, 0.4, 0.4
-  config.aug.hue = 0.1
-  config.aug.blur_prob = 0.0
+  config.aug = augment.simclr_augment_config(strength=0.5, blur_prob=0.0)
 
   config.optim.name = 'lars'
   config.optim.base_lr = 1.0

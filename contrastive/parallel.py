@@ -25,12 +25,13 @@ def sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXIS))
 
 
-def check_global_batch(global_batch: int, mesh) -> int:
+def check_global_batch(global_batch: int, mesh,
+                       field: str = 'config.global_batch_size') -> int:
   """Returns the per-process batch; a clear error when it does not divide."""
   devices = mesh.devices.size
   if global_batch <= 0 or global_batch % devices:
     raise ValueError(
-        f'config.global_batch_size={global_batch} must be a positive multiple of '
+        f'{field}={global_batch} must be a positive multiple of '
         f'the number of devices ({devices}: {jax.process_count()} process(es) x '
         f'{jax.local_device_count()} local device(s)); try '
         f'{max(devices, global_batch // devices * devices)}.')

@@ -262,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
     encoders = {'trained': state}
     if config.eval.compare_random_init:
-      encoders['random weights'] = jax.device_put(
+      encoders['random_init'] = jax.device_put(
           init_state(method, model, tx, config, image_shape), parallel.replicated(mesh))
     results = evaluate(encoders, encode_step, config, mesh, image_shape)
     writer.write(total_steps, {f'{name}/{metric}': value
@@ -280,8 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate(encoders: dict, encode_step, config, mesh, image_shape) -> dict:
   """kNN and linear-probe accuracy on the eval split for each encoder state."""
-  local_batch = config.eval.batch_size // jax.process_count()
-  parallel.check_global_batch(config.eval.batch_size, mesh)
+  local_batch = parallel.check_global_batch(config.eval.batch_size, mesh,
+                                           'config.eval.batch_size')
   splits = {split: _eval_split(config.data, split) for split in ('train', 'eval')}
   num_classes = splits['train'].num_classes
   if num_classes is None:
@@ -306,7 +306,7 @@ def evaluate(encoders: dict, encode_step, config, mesh, image_shape) -> dict:
 
 
 def _eval_split(data_config, split: str):
-  """This process's block of a split for evaluation (in-memory datasets)."""
+  """In memory: this process's block of the split; streamed: the split's size."""
   if not data_config.in_memory:
     return sources.split_info(data_config, split)
   return sources.load_arrays(data_config, split, shard_index=jax.process_index(),
