@@ -38,14 +38,17 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  # Progress goes to the console; libraries' INFO logs (Orbax) would drown it.
-  logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS['verbosity'].present:
+    # Progress goes to the console; libraries' INFO logs (Orbax) would drown it.
+    logging.set_verbosity(logging.WARNING)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, RuntimeError) as err:
-    # Configuration and data errors already say what to change: no traceback.
-    logging.error('%s', err)
-    print(f'error: {err}', file=sys.stderr)
+  except (ValueError, FileNotFoundError) as err:
+    # Configuration and data errors say what to change; the traceback is noise
+    # unless asked for.
+    logging.debug('Traceback of the error below:', exc_info=True)
+    print(f'error: {err}\n(rerun with --verbosity=1 for the traceback)',
+          file=sys.stderr)
     sys.exit(1)
 
 

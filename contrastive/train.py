@@ -98,8 +98,7 @@ def device_views(step_key, batch, aug, image_size: int):
 
   def one_view(view: int, pixels, crop: bool):
     keys = jax.vmap(jax.random.fold_in, (0, None))(image_keys, view)
-    return jax.vmap(lambda key, image: augment.augment_batch(
-        key, image[None], aug, image_size, crop=crop)[0])(keys, pixels)
+    return augment.augment_images(keys, pixels, aug, image_size, crop=crop)
 
   if images is not None:
     return one_view(1, images, True), one_view(2, images, True)
@@ -190,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
            else '.'))
   else:
     from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
-    num_examples = sources.num_examples(config.data, 'train')
+    num_examples = sources.split_info(config.data, 'train').num_examples
     steps_per_epoch = num_examples // config.global_batch_size
   total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
 

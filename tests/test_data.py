@@ -306,7 +306,7 @@ def test_tfds_not_prepared_explains_how_to_prepare(tmp_path, monkeypatch, name, 
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
   data = make_data(source='tfds', name=name, data_dir=str(tmp_path))
-  with pytest.raises(RuntimeError, match='not prepared') as error:
+  with pytest.raises(FileNotFoundError, match='not prepared') as error:
     sources.load_arrays(data, 'train')
   assert hint in str(error.value) and str(tmp_path) in str(error.value)
   assert 'no internet' in str(error.value)

@@ -160,3 +160,35 @@ def test_image_folder_run_trains_and_evaluates(config, tmp_path, capsys, in_memo
   assert 'kNN top-1' in output
   if in_memory:
     assert '1 unreadable file(s) skipped' in output
+
+
+def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
+  """Images carry their index as pixel value; an epoch draws each index of a
+  device's block once, and a batch depends only on the step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from contrastive import parallel  # pylint: disable=g-import-not-at-top
+  from contrastive.data import sources  # pylint: disable=g-import-not-at-top
+
+  total = 203
+
+  def fake_load(data, split, shard_index, shard_count):
+    start, stop = sources.shard_bounds(total, shard_index, shard_count)
+    index = np.arange(start, stop)
+    images = np.broadcast_to(index[:, None, None, None], (len(index), 1, 1, 1))
+    return sources.ImageArrays(images.astype(np.int32), index.astype(np.int32), 10)
+
+  monkeypatch.setattr(sources, 'load_arrays', fake_load)
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == jax.device_count() == 8
+  data = train.InMemoryTrainData(config.data, mesh, per_device_batch=3, seed=5)
+  assert data.num_examples == total
+  assert data.steps_per_epoch == (total // 8) // 3
+  epoch = [data.batch(step)['image'][:, 0, 0, 0] for step in range(data.steps_per_epoch)]
+  for device in range(8):
+    drawn = np.concatenate([batch[device * 3:(device + 1) * 3] for batch in epoch])
+    start, stop = sources.shard_bounds(total, device, 8)
+    assert len(set(drawn)) == len(drawn)                     # no repeats in an epoch
+    assert set(drawn) <= set(range(start, stop))             # only the device's block
+  np.testing.assert_array_equal(data.batch(4)['image'], data.batch(4)['image'])
+  next_epoch = data.batch(data.steps_per_epoch)['image']
+  assert not np.array_equal(next_epoch, epoch[0])            # reshuffled each epoch

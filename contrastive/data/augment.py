@@ -288,8 +288,18 @@ def augment_batch(rng, images, aug, out_size: int, crop: bool) -> jax.Array:
   crop=True: random resized crop + flip done here (in-memory datasets);
   crop=False: the host already cropped and flipped (images are out_size
   already), only colour etc. One independent key per image
-  (``jax.random.split(rng, B)``, vmapped). The order follows SimCLR: crop,
-  flip, colour jitter, grayscale, blur, solarize, clip, normalise.
+  (``jax.random.split(rng, B)``). The order follows SimCLR: crop, flip, colour
+  jitter, grayscale, blur, solarize, clip, normalise.
+  """
+  return augment_images(jax.random.split(rng, images.shape[0]), images, aug, out_size,
+                        crop)
+
+
+def augment_images(keys, images, aug, out_size: int, crop: bool) -> jax.Array:
+  """:func:`augment_batch` with one given key per image (``keys``: [B]).
+
+  Lets the caller tie each image's randomness to something stable, such as its
+  position in the global batch.
   """
   if not crop and images.shape[1:3] != (out_size, out_size):
     raise ValueError(f'crop=False needs {out_size}x{out_size} images, got '
@@ -325,5 +335,5 @@ def augment_batch(rng, images, aug, out_size: int, crop: bool) -> jax.Array:
     x = _apply_with_prob(solarize_u, solarize_prob, solarize, x)
     return jnp.clip(x, 0.0, 1.0)
 
-  views = jax.vmap(augment_one)(jax.random.split(rng, images.shape[0]), images)
+  views = jax.vmap(augment_one)(keys, images)
   return _normalize(views, aug)

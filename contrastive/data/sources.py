@@ -110,10 +110,6 @@ def split_info(data, split: str) -> SplitInfo:
                    num_classes=num_classes)
 
 
-def num_examples(data, split: str) -> int:
-  return split_info(data, split).num_examples
-
-
 def check_source(source: str) -> None:
   if source not in SOURCES:
     raise ValueError(f'Unknown data.source={source!r}; expected one of {SOURCES}.')
@@ -377,7 +373,7 @@ def tfds_builder(data):
     # Download and generation fail in many ways (network, checksums, missing manual
     # files); all of them mean the same thing to the user, explained below.
     except Exception as err:  # pylint: disable=broad-except
-      raise RuntimeError(_not_prepared_message(builder, data.name, err)) from err
+      raise FileNotFoundError(_not_prepared_message(builder, data.name, err)) from err
   return builder
 
 
