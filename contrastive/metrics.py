@@ -5,6 +5,7 @@ never branches on the process index.
 """
 
 import json
+import math
 import os
 import time
 
@@ -64,15 +65,25 @@ class Progress:
     self._total = total_steps
     self._batch = global_batch
     self._last_step, self._last_time = start_step, time.perf_counter()
+    self._figures = {'images_per_second': float('nan'), 'eta_seconds': float('nan'),
+                     'interval_seconds': 0.0}
 
   def report(self, step: int) -> dict:
+    """Figures since the last report; the last ones again if no step passed."""
+    if step == self._last_step:
+      return self._figures
     now = time.perf_counter()
-    seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
+    elapsed = now - self._last_time
+    seconds_per_step = elapsed / (step - self._last_step)
     self._last_step, self._last_time = step, now
-    return {'images_per_second': self._batch / seconds_per_step,
-            'eta_seconds': seconds_per_step * (self._total - step)}
+    self._figures = {'images_per_second': self._batch / seconds_per_step,
+                     'eta_seconds': seconds_per_step * (self._total - step),
+                     'interval_seconds': elapsed}
+    return self._figures
 
 
 def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

@@ -237,6 +237,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = parallel.host_to_global(next_batch(step), mesh)
       state, scalars = train_step(state, batch)
       done = step + 1
+      if step == start_step:
+        # Keep compilation out of images/s and ETA.
+        jax.block_until_ready(scalars)
+        seconds = progress.report(done)['interval_seconds']
+        say(f'First step (compilation included) took {seconds:.1f} s.')
       if done % config.log_every_steps == 0 or done == total_steps:
         scalars = {**jax.device_get(scalars), **progress.report(done),
                    'epoch': done / steps_per_epoch}

@@ -16,7 +16,7 @@ def tiny_config():
   config.global_batch_size = 16
   config.num_epochs = 0.1
   config.log_every_steps = 1
-  config.checkpoint_every_steps = 2
+  config.checkpoint_every_steps = 1000     # only the final save; tests that resume set it
   config.model.name = 'resnet10'
   config.model.width = 0.0625
   config.head.out_dim = 16
