@@ -1,4 +1,9 @@
-"""Orbax checkpoints of the whole :class:`TrainState`, and resume."""
+"""Orbax checkpoints of the whole :class:`TrainState`, and resume.
+
+The state holds the step, parameters, BatchNorm statistics, optimizer state and
+the method's own state (EMA targets, queues). No RNG state is stored: every random
+draw of a step is derived from ``(config.seed, step)``, so the step is enough.
+"""
 
 import os
 

@@ -208,10 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(jax.device_get(state.step))
   if start_step:
     say(f'Resuming from the checkpoint of step {start_step} in {manager.directory}.')
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  _record_config(config, workdir, resumed=start_step > 0)
 
   # --- step
   train_step = parallel.per_replica(
@@ -278,6 +275,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     say(format_results(results, config))
   writer.close()
   return results
+
+
+def _record_config(config, workdir: str, resumed: bool) -> None:
+  """Writes config.json; warns when a resumed run's config differs from it."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if resumed and os.path.exists(path):
+    with open(path) as f:
+      before = _flatten(json.load(f))
+    after = _flatten(json.loads(text))
+    changed = sorted(key for key in before.keys() | after.keys()
+                     if before.get(key) != after.get(key))
+    if changed:
+      say(f'WARNING: resuming with a config that differs from {path} in: '
+          f'{", ".join(changed)}.')
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
 
 
 # ----------------------------------------------------------------------------- eval

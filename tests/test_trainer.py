@@ -192,3 +192,13 @@ def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
   np.testing.assert_array_equal(data.batch(4)['image'], data.batch(4)['image'])
   next_epoch = data.batch(data.steps_per_epoch)['image']
   assert not np.array_equal(next_epoch, epoch[0])            # reshuffled each epoch
+
+
+def test_resuming_with_a_changed_config_warns(config, tmp_path, capsys):
+  train._record_config(config, str(tmp_path), resumed=False)
+  train._record_config(config, str(tmp_path), resumed=True)
+  assert 'WARNING' not in capsys.readouterr().out
+  config.optim.base_lr = 7.0
+  train._record_config(config, str(tmp_path), resumed=True)
+  output = capsys.readouterr().out
+  assert 'differs' in output and 'optim.base_lr' in output
