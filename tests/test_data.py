@@ -83,7 +83,7 @@ def test_digits_holdout_is_the_first_images_of_each_class():
   np.testing.assert_array_equal(eval_.images, whole.images[rank < 5])
   np.testing.assert_array_equal(train.images, whole.images[rank >= 5])
   assert sources.split_info(held, 'eval') == sources.SplitInfo('eval', 50, 10)
-  assert sources.num_examples(held, 'train') == 1747
+  assert sources.split_info(held, 'train').num_examples == 1747
 
 
 def test_digits_shards_are_nested_blocks():
@@ -285,7 +285,7 @@ def test_tfds_nested_slices(tfds_data):
   whole_train = _ids(sources.load_arrays(tfds_data, 'train').images)
   whole_test = _ids(sources.load_arrays(tfds_data, 'eval').images)
   data = make_data(**{**tfds_data.to_dict(), 'train_split': 'train[5:]+test[:3]'})
-  assert sources.num_examples(data, 'train') == _TFDS_TRAIN - 5 + 3
+  assert sources.split_info(data, 'train').num_examples == _TFDS_TRAIN - 5 + 3
   sliced = _check_nested_shards(data, 'train')
   assert _ids(sliced.images) == whole_train[5:] + whole_test[:3]
 
