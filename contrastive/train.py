@@ -68,7 +68,6 @@ class InMemoryTrainData:
       raise ValueError(
           f'The training split has {self.num_examples} images, fewer than one global '
           f'batch of {per_device_batch * num_devices}: lower config.global_batch_size.')
-    self.image_shape = self._images[0].shape[1:]
     self._orders = (None, None)
 
   def _order(self, epoch: int):
@@ -91,18 +90,20 @@ def device_views(step_key, batch, aug, image_size: int):
   Each image's randomness comes from its position in the global batch, so the
   views do not depend on how the batch is split across devices.
   """
-  images = batch['image'] if 'image' in batch else None
-  local = (images if images is not None else batch['view1']).shape[0]
+  if 'image' in batch:          # in-memory data: crop and flip happen here too
+    pixels1 = pixels2 = batch['image']
+    crop = True
+  else:                         # the host pipeline already cropped and flipped
+    pixels1, pixels2, crop = batch['view1'], batch['view2'], False
+  local = pixels1.shape[0]
   positions = jax.lax.axis_index(AXIS) * local + jnp.arange(local)
   image_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, positions)
 
-  def one_view(view: int, pixels, crop: bool):
+  def one_view(view: int, pixels):
     keys = jax.vmap(jax.random.fold_in, (0, None))(image_keys, view)
     return augment.augment_images(keys, pixels, aug, image_size, crop=crop)
 
-  if images is not None:
-    return one_view(1, images, True), one_view(2, images, True)
-  return one_view(1, batch['view1'], False), one_view(2, batch['view2'], False)
+  return one_view(1, pixels1), one_view(2, pixels2)
 
 
 # ----------------------------------------------------------------------------- step
