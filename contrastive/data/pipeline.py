@@ -89,13 +89,19 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
   return _pad_last(ds.as_numpy_iterator(), local_batch_size)
 
 
+def pad_batch(images, labels, batch_size: int) -> dict:
+  """A possibly short batch padded to ``batch_size``: zero images, label -1,
+  ``mask`` False on the padding, so every process runs full, equal batches."""
+  n = len(labels)
+  pad = batch_size - n
+  return {'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+          'label': np.pad(labels, (0, pad), constant_values=-1),
+          'mask': np.arange(batch_size) < n}
+
+
 def _pad_last(batches, batch_size: int) -> Iterator[dict]:
   for batch in batches:
-    n = len(batch['label'])
-    pad = batch_size - n
-    yield {'image': np.pad(batch['image'], ((0, pad), (0, 0), (0, 0), (0, 0))),
-           'label': np.pad(batch['label'], (0, pad), constant_values=-1),
-           'mask': np.arange(batch_size) < n}
+    yield pad_batch(batch['image'], batch['label'], batch_size)
 
 
 def _process_seed(seed: int, shard_index: int) -> int:

@@ -10,17 +10,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from contrastive import parallel
+# Only the batching helper; TensorFlow is imported inside pipeline's functions.
+from contrastive.data import pipeline
 
 
 def padded_batches(images, labels, local_batch: int):
   """In-memory split -> ``{'image', 'label', 'mask'}`` batches, the last padded."""
   labels = np.full(len(images), -1, np.int32) if labels is None else labels
   for start in range(0, len(images), local_batch):
-    image, label = images[start:start + local_batch], labels[start:start + local_batch]
-    pad = local_batch - len(image)
-    yield {'image': np.pad(image, ((0, pad), (0, 0), (0, 0), (0, 0))),
-           'label': np.pad(label, (0, pad), constant_values=-1),
-           'mask': np.arange(local_batch) < len(image)}
+    yield pipeline.pad_batch(images[start:start + local_batch],
+                             labels[start:start + local_batch], local_batch)
 
 
 def extract_features(encode_step, state, batches, mesh, local_batch: int,
@@ -30,9 +29,8 @@ def extract_features(encode_step, state, batches, mesh, local_batch: int,
   ``encode_step(state, images)`` is a per-replica function from
   :func:`parallel.per_replica`; ``batches`` yields this process's batches.
   """
-  blank = {'image': np.zeros((local_batch, *image_shape), np.uint8),
-           'label': np.full(local_batch, -1, np.int32),
-           'mask': np.zeros(local_batch, bool)}
+  blank = pipeline.pad_batch(np.zeros((0, *image_shape), np.uint8),
+                             np.zeros(0, np.int32), local_batch)
   features, labels = [], []
   batches = iter(batches)
   while True:
