@@ -53,6 +53,7 @@ class InMemoryTrainData:
     self._positions = parallel.local_device_positions(mesh)
     blocks = [sources.load_arrays(data_config, 'train', shard_index=d,
                                   shard_count=num_devices) for d in self._positions]
+    self._blocks = blocks
     self._images = [block.images for block in blocks]
     skipped = sum(block.skipped for block in blocks)
     local_size = sum(len(images) for images in self._images)
@@ -76,6 +77,18 @@ class InMemoryTrainData:
           np.random.default_rng([self._seed, epoch, position]).permutation(
               self._block_length) for position in self._positions])
     return self._orders[1]
+
+  def process_block(self) -> sources.ImageArrays:
+    """This process's block of the split, in the split's order, for evaluation.
+
+    The device blocks are nested in the process block, so concatenating them in
+    position order gives exactly ``load_arrays(..., process_index, process_count)``.
+    """
+    labels = [block.labels for block in self._blocks]
+    return sources.ImageArrays(
+        images=np.concatenate(self._images),
+        labels=None if labels[0] is None else np.concatenate(labels),
+        num_classes=self._blocks[0].num_classes, skipped=self.skipped)
 
   def batch(self, step: int) -> dict:
     epoch, index = divmod(step, self.steps_per_epoch)
@@ -268,7 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval.compare_random_init:
       encoders['random_init'] = jax.device_put(
           init_state(method, model, tx, config, image_shape), parallel.replicated(mesh))
-    results = evaluate(encoders, encode_step, config, mesh, image_shape)
+    train_split = train_data.process_block() if config.data.in_memory else None
+    results = evaluate(encoders, encode_step, config, mesh, image_shape, train_split)
     writer.write(total_steps, {f'{name}/{metric}': value
                                for name, figures in results.items()
                                for metric, value in figures.items()})
@@ -312,11 +326,18 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 # ----------------------------------------------------------------------------- eval
 
-def evaluate(encoders: dict, encode_step, config, mesh, image_shape) -> dict:
-  """kNN and linear-probe accuracy on the eval split for each encoder state."""
+def evaluate(encoders: dict, encode_step, config, mesh, image_shape,
+             train_split=None) -> dict:
+  """kNN and linear-probe accuracy on the eval split for each encoder state.
+
+  ``train_split``: the training images already in memory, if any, so they are
+  not decoded a second time.
+  """
   local_batch = parallel.check_global_batch(config.eval.batch_size, mesh,
                                            'config.eval.batch_size')
-  splits = {split: _eval_split(config.data, split) for split in ('train', 'eval')}
+  splits = {'train': (_eval_split(config.data, 'train') if train_split is None
+                      else train_split),
+            'eval': _eval_split(config.data, 'eval')}
   num_classes = splits['train'].num_classes
   if num_classes is None:
     raise ValueError('Evaluation needs labels, and the training split has none: set '

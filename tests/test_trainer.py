@@ -202,3 +202,16 @@ def test_resuming_with_a_changed_config_warns(config, tmp_path, capsys):
   train._record_config(config, str(tmp_path), resumed=True)
   output = capsys.readouterr().out
   assert 'differs' in output and 'optim.base_lr' in output
+
+
+def test_process_block_equals_the_loaded_split(config):
+  """Evaluation reuses the training images in memory: they must be exactly the
+  process's block as the data module loads it, labels and order included."""
+  from contrastive import parallel  # pylint: disable=g-import-not-at-top
+  from contrastive.data import sources  # pylint: disable=g-import-not-at-top
+  data = train.InMemoryTrainData(config.data, parallel.make_mesh(), 2, seed=0)
+  block = data.process_block()
+  loaded = sources.load_arrays(config.data, 'train')
+  np.testing.assert_array_equal(block.images, loaded.images)
+  np.testing.assert_array_equal(block.labels, loaded.labels)
+  assert block.num_classes == loaded.num_classes == 10
