@@ -23,6 +23,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.simclr = ml_collections.ConfigDict()
   config.simclr.temperature = 0.1
 
+  config.moco = ml_collections.ConfigDict()
+  config.moco.queue_size = 65536           # K keys, split across devices; multiple of the batch
+  config.moco.momentum = 0.999             # key encoder EMA
+  config.moco.momentum_schedule = 'constant'  # or 'cosine' (from momentum towards 1)
+  config.moco.temperature = 0.07
+  config.moco.key_bn = 'shuffle'           # key encoder BN: 'shuffle', 'global' or 'local'
+  config.moco.symmetric = False            # both views as queries (sum of both losses)
+
+  config.membank = ml_collections.ConfigDict()
+  config.membank.num_negatives = 4096      # bank rows drawn per step; 0: the whole bank
+  config.membank.momentum = 0.5            # bank row <- m * row + (1 - m) * new embedding
+  config.membank.temperature = 0.07
+
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet50'           # resnet10/18/34/50/101/152
   config.model.width = 1.0                 # channel multiplier

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _l2_normalize(x, eps=1e-12):
+def l2_normalize(x, eps=1e-12):
+  """Rows scaled to unit length, in float32."""
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
@@ -25,7 +26,7 @@ def nt_xent(z1, z2, temperature: float, axis_name: str | None = None):
     The mean over all 2N anchors of the cross-entropy of the anchor's positive
     against the other 2N - 1 views (N the global batch size).
   """
-  z1, z2 = _l2_normalize(z1), _l2_normalize(z2)
+  z1, z2 = l2_normalize(z1), l2_normalize(z2)
   n = z1.shape[0]
   if axis_name is None:
     all1, all2, offset = z1, z2, 0
@@ -48,3 +49,76 @@ def nt_xent(z1, z2, temperature: float, axis_name: str | None = None):
   if axis_name is not None:
     loss = jax.lax.pmean(loss, axis_name)
   return loss
+
+
+def sharded_cross_entropy(positive_logits, local_negative_logits,
+                          axis_name: str | None = None, negative_mask=None):
+  """Per-row cross-entropy of a positive against negatives split across devices.
+
+  The negatives of every row are the union of each device's
+  ``local_negative_logits``: a queue, a memory bank or a classifier whose rows are
+  sharded, so no device ever holds all of them. Each device reduces its own
+  columns to a max and a sum of exponentials, and the log-sum-exp is combined
+  with one ``pmax`` and one ``psum``.
+
+  Args:
+    positive_logits: ``[m]``, the same rows on every device.
+    local_negative_logits: ``[m, k_local]``, this device's negatives for those rows.
+    axis_name: the mesh axis the negatives are split over; None for one device.
+    negative_mask: optional boolean, broadcastable to ``[m, k_local]``: False
+      columns are not negatives (sampled rows another device owns, padding).
+
+  Returns:
+    ``[m]``: ``logsumexp([positive, all negatives]) - positive``.
+  """
+  negatives = local_negative_logits
+  if negative_mask is not None:
+    negatives = jnp.where(negative_mask, negatives, -jnp.inf)
+  row_max = jax.lax.stop_gradient(
+      jnp.maximum(positive_logits, jnp.max(negatives, axis=-1)))
+  if axis_name is not None:
+    row_max = jax.lax.pmax(row_max, axis_name)
+  negative_sum = jnp.sum(jnp.exp(negatives - row_max[:, None]), axis=-1)
+  if axis_name is not None:
+    negative_sum = jax.lax.psum(negative_sum, axis_name)
+  log_sum_exp = row_max + jnp.log(jnp.exp(positive_logits - row_max) + negative_sum)
+  return log_sum_exp - positive_logits
+
+
+def info_nce(q, k, negatives, temperature: float, axis_name: str | None = None,
+             negative_mask=None):
+  """InfoNCE: each query against its positive key and a set of stored negatives.
+
+  The MoCo loss (negatives: the queue) and the memory-bank loss (negatives: bank
+  rows). ``q`` and ``k`` are L2-normalised here; ``negatives`` are used as stored
+  (already normalised). Per replica (``axis_name`` given), ``q`` and ``k`` are this
+  device's part of the global batch and ``negatives`` its shard of the queue: the
+  queries are gathered, scored against the local shard, and the softmax is
+  combined across devices by :func:`sharded_cross_entropy`.
+
+  Args:
+    q, k: ``[n, d]`` queries and their positive keys.
+    negatives: ``[K, d]`` (per replica: this device's ``[K / devices, d]``).
+    temperature: softmax temperature.
+    axis_name: the mesh axis splitting the batch and the negatives.
+    negative_mask: optional boolean broadcastable to ``[rows, K_local]`` (rows =
+      the global batch per replica) marking which stored rows count as negatives.
+
+  Returns:
+    The mean over the (global) batch of the cross-entropy with the positive logit
+    ``q.k`` first and the negatives ``q.negatives^T`` after it.
+  """
+  q, k = l2_normalize(q), l2_normalize(k)
+  positive = jnp.sum(q * k, axis=-1) / temperature                  # [n]
+  n = q.shape[0]
+  if axis_name is not None:
+    q = jax.lax.all_gather(q, axis_name, tiled=True)                 # [N, d]
+    positive = jax.lax.all_gather(positive, axis_name, tiled=True)  # [N]
+  logits = q @ negatives.astype(jnp.float32).T / temperature
+  per_row = sharded_cross_entropy(positive, logits, axis_name, negative_mask)
+  if axis_name is None:
+    return jnp.mean(per_row)
+  # Every device holds all N rows; each averages its own and the mean of those
+  # is the global loss, written as in nt_xent so gradients stay global.
+  mine = jax.lax.dynamic_slice_in_dim(per_row, jax.lax.axis_index(axis_name) * n, n)
+  return jax.lax.pmean(jnp.mean(mine), axis_name)

@@ -4,6 +4,7 @@ Sections: mesh, data, state, restore, step, loop, evaluation. Nothing here is
 specific to one method; methods plug in through :mod:`contrastive.methods`.
 """
 
+import functools
 import json
 import os
 
@@ -13,10 +14,11 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from contrastive import checkpoint
 from contrastive import metrics as metrics_lib
+from contrastive import models
 from contrastive import optim
 from contrastive import parallel
 from contrastive.data import augment
@@ -24,7 +26,7 @@ from contrastive.data import sources
 from contrastive.evaluate import features as features_lib
 from contrastive.evaluate import knn
 from contrastive.evaluate import linear_probe
-from contrastive.methods import TrainState, get_method
+from contrastive.methods import RunInfo, TrainState, get_method
 
 AXIS = parallel.AXIS
 
@@ -60,6 +62,9 @@ class InMemoryTrainData:
     self.num_examples = int(np.sum(multihost_utils.process_allgather(
         np.asarray(local_size))))
     self.skipped = int(np.sum(multihost_utils.process_allgather(np.asarray(skipped))))
+    # Where each device's block starts in the split: images carry their split index.
+    self._starts = [sources.shard_bounds(self.num_examples, d, num_devices)[0]
+                    for d in self._positions]
     # Blocks differ in size by at most one image: all use the smallest length.
     self._block_length = self.num_examples // num_devices
     self._batch = per_device_batch
@@ -91,10 +96,15 @@ class InMemoryTrainData:
         num_classes=self._blocks[0].num_classes, skipped=self.skipped)
 
   def batch(self, step: int) -> dict:
-    epoch, index = divmod(step, self.steps_per_epoch)
-    window = slice(index * self._batch, (index + 1) * self._batch)
-    return {'image': np.concatenate([
-        images[order[window]] for images, order in zip(self._images, self._order(epoch))])}
+    """``image`` uint8 [b, H, W, 3] and ``index`` (position in the split) of a step."""
+    epoch, position = divmod(step, self.steps_per_epoch)
+    window = slice(position * self._batch, (position + 1) * self._batch)
+    rows = [order[window] for order in self._order(epoch)]
+    return {
+        'image': np.concatenate([images[r] for images, r in zip(self._images, rows)]),
+        'index': np.concatenate([start + r for start, r in zip(self._starts, rows)]
+                                ).astype(np.int32),
+    }
 
 
 def device_views(step_key, batch, aug, image_size: int):
@@ -121,27 +131,30 @@ def device_views(step_key, batch, aug, image_size: int):
 
 # ----------------------------------------------------------------------------- step
 
-def make_train_step(method, model, config, tx, schedule, image_size: int):
+def make_train_step(method, model, config, run: RunInfo, tx, schedule, image_size: int):
   """The per-replica train step, to be mapped over the mesh."""
 
   def train_step(state: TrainState, batch):
     step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    views = device_views(step_key, batch, config.aug, image_size)
+    view1, view2 = device_views(step_key, batch, config.aug, image_size)
+    inputs = {'view1': view1, 'view2': view2, 'index': batch['index']}
+    # Images draw keys at positions 0..B-1 of the step key; the method the next one.
+    method_key = jax.random.fold_in(step_key, config.global_batch_size)
 
     def loss_fn(params):
-      return method.loss(model, params, state.batch_stats, state.method_state, views,
-                         config, AXIS)
+      return method.loss(model, params, state.batch_stats, state.method_state, inputs,
+                         method_key, config, run, AXIS)
 
     # The loss is already the global-batch loss on every replica (pmean inside),
     # so under shard_map its gradient is the global gradient: no pmean here.
-    (loss, (batch_stats, method_metrics)), grads = jax.value_and_grad(
+    (loss, (batch_stats, for_update, method_metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     if config.model.bn == 'local':
       batch_stats = jax.lax.pmean(batch_stats, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    method_state = method.update_method_state(state.method_state, params, state.step,
-                                              config)
+    method_state = method.update_method_state(state.method_state, params, for_update,
+                                              state.step, config, run, AXIS)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state,
                               method_state=method_state)
@@ -159,23 +172,33 @@ def make_encode_step(method, model, config):
   return encode_step
 
 
-def init_state(method, model, tx, config, image_shape) -> TrainState:
-  """Random initial state, a pure function of ``config.seed``."""
-  # Initialise outside the mesh: BatchNorm must not look for the data axis.
-  local_model = model.clone(encoder=model.encoder.clone(bn_axis_name=None),
-                            head=model.head.clone(bn_axis_name=None))
+def state_specs(method, config) -> TrainState:
+  """How the state lies on the mesh: replicated, except the method's sharded rows."""
+  return TrainState(step=P(), params=P(), batch_stats=P(), opt_state=P(),
+                    method_state=method.state_specs(config))
 
-  @jax.jit
-  def initialize(key):
-    variables = local_model.init(key, jnp.zeros((2, *image_shape)), train=False)
+
+def init_state(method, model, tx, config, image_shape, run: RunInfo, mesh) -> TrainState:
+  """Random initial state on ``mesh``, a pure function of ``config.seed``."""
+  # Initialise outside the per-replica step: BatchNorm must not look for the axis.
+  local_model = models.with_bn_axis(model, None)
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                           state_specs(method, config), is_leaf=lambda x: isinstance(x, P))
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def initialize(params_key, method_key):
+    variables = local_model.init(params_key, jnp.zeros((2, *image_shape)), train=False)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      method_state=method.init_method_state(config, params))
+                      method_state=method.init_method_state(config, variables, run,
+                                                            method_key))
 
   # RBG keys compile the hundreds of parameter initialisers several times faster
-  # than threefry; the draw is as deterministic for a given seed and backend.
-  return initialize(jax.random.key(config.seed, impl='rbg'))
+  # than threefry. The method's state (queues, banks) is created sharded, and
+  # threefry draws do not depend on how an array is split across devices.
+  return initialize(jax.random.key(config.seed, impl='rbg'),
+                    jax.random.fold_in(jax.random.key(config.seed), 1))
 
 
 # ----------------------------------------------------------------------------- main
@@ -200,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.data.in_memory:
     train_data = InMemoryTrainData(config.data, mesh, per_device_batch, config.seed)
     steps_per_epoch = train_data.steps_per_epoch
+    num_examples = train_data.num_examples
     say(f'Training split: {train_data.num_examples} images in host memory'
         + (f' ({train_data.skipped} unreadable file(s) skipped).' if train_data.skipped
            else '.'))
@@ -208,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_examples = sources.split_info(config.data, 'train').num_examples
     steps_per_epoch = num_examples // config.global_batch_size
   total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+  run = RunInfo(num_examples=num_examples, num_devices=mesh.devices.size,
+                global_batch_size=config.global_batch_size, total_steps=total_steps)
 
   # --- state
   peak_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
@@ -215,8 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       peak_lr, int(round(config.optim.warmup_epochs * steps_per_epoch)), total_steps)
   tx = optim.make_optimizer(config.optim, schedule)
   image_shape = (image_size, image_size, 3)
-  state = jax.device_put(init_state(method, model, tx, config, image_shape),
-                         parallel.replicated(mesh))
+  state = init_state(method, model, tx, config, image_shape, run, mesh)
 
   # --- restore
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
@@ -228,8 +253,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- step
   train_step = parallel.per_replica(
-      make_train_step(method, model, config, tx, schedule, image_size), mesh,
-      in_specs=(P(), P(AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
+      make_train_step(method, model, config, run, tx, schedule, image_size), mesh,
+      in_specs=(state_specs(method, config), P(AXIS)),
+      out_specs=(state_specs(method, config), P()), donate_argnums=(0,))
   if config.data.in_memory:
     next_batch = train_data.batch
   else:
@@ -276,11 +302,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   if config.eval.enabled:
     encode_step = parallel.per_replica(make_encode_step(method, model, config), mesh,
-                                       in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+                                       in_specs=(state_specs(method, config), P(AXIS)),
+                                       out_specs=P(AXIS))
     encoders = {'trained': state}
     if config.eval.compare_random_init:
-      encoders['random_init'] = jax.device_put(
-          init_state(method, model, tx, config, image_shape), parallel.replicated(mesh))
+      encoders['random_init'] = init_state(method, model, tx, config, image_shape, run,
+                                           mesh)
     train_split = train_data.process_block() if config.data.in_memory else None
     results = evaluate(encoders, encode_step, config, mesh, image_shape, train_split)
     writer.write(total_steps, {f'{name}/{metric}': value

@@ -1,7 +1,8 @@
 """The per-replica train step on 8 devices equals the same step on 1 device.
 
 Same global batch, same state: loss, gradients, updated parameters, optimizer
-state and BatchNorm statistics must agree to float32 round-off.
+state, BatchNorm statistics and the method's own state (EMA target, queue,
+memory bank) must agree to float32 round-off, for every method.
 """
 
 import jax
@@ -13,9 +14,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from contrastive import optim
 from contrastive import parallel
 from contrastive import train
-from contrastive.methods import get_method
+from contrastive.methods import RunInfo, get_method
+from contrastive.methods import moco
 
-RTOL, ATOL = 2e-4, 2e-6
+RTOL, ATOL = 2e-4, 1e-5
+NUM_EXAMPLES = 100
 
 
 def _mesh(num_devices):
@@ -23,77 +26,114 @@ def _mesh(num_devices):
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _setup(config):
+def _setup(config, num_devices):
+  """Method, model, optimizer, the initial state on an n-device mesh, a batch."""
   method = get_method(config.method)
   model = method.build_model(config)
   schedule = optim.learning_rate_schedule(0.5, 2, 10)
   tx = optim.make_optimizer(config.optim, schedule)
   shape = (config.data.image_size,) * 2 + (3,)
-  state = train.init_state(method, model, tx, config, shape)
-  # Warm the running BN statistics away from their init so updates are visible.
-  batch = {'image': np.random.default_rng(0).integers(
-      0, 256, (config.global_batch_size, *shape), dtype=np.uint8)}
-  return method, model, tx, schedule, state, batch
-
-
-def _run_step(num_devices, config, method, model, tx, schedule, state, batch):
   mesh = _mesh(num_devices)
+  run = RunInfo(num_examples=NUM_EXAMPLES, num_devices=num_devices,
+                global_batch_size=config.global_batch_size, total_steps=10)
+  state = train.init_state(method, model, tx, config, shape, run, mesh)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (config.global_batch_size, *shape), dtype=np.uint8),
+           'index': rng.permutation(NUM_EXAMPLES)[:config.global_batch_size].astype(np.int32)}
+  return method, model, tx, schedule, run, mesh, state, batch
+
+
+def _run_steps(config, method, model, tx, schedule, run, mesh, state, batch):
+  specs = train.state_specs(method, config)
   step = parallel.per_replica(
-      train.make_train_step(method, model, config, tx, schedule, config.data.image_size),
-      mesh, in_specs=(P(), P('data')), out_specs=(P(), P()))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+      train.make_train_step(method, model, config, run, tx, schedule,
+                            config.data.image_size),
+      mesh, in_specs=(specs, P('data')), out_specs=(specs, P()))
   batch = jax.device_put(batch, NamedSharding(mesh, P('data')))
   state, metrics = step(state, batch)
   state, metrics = step(state, batch)   # second step: momentum and BN running stats
   return jax.device_get(state), jax.device_get(metrics)
 
 
-def _gradients(num_devices, config, method, model, state, batch):
-  mesh = _mesh(num_devices)
-
-  def replica(state, batch):
-    key = jax.random.key(7)
-    views = train.device_views(key, batch, config.aug, config.data.image_size)
-    grad_fn = jax.value_and_grad(
-        lambda p: method.loss(model, p, state.batch_stats, state.method_state, views,
-                              config, 'data'), has_aux=True)
-    (loss, (batch_stats, _)), grads = grad_fn(state.params)
-    return loss, grads, batch_stats
-
-  fn = parallel.per_replica(replica, mesh, in_specs=(P(), P('data')),
-                            out_specs=(P(), P(), P()))
-  return jax.device_get(fn(jax.device_put(state, NamedSharding(mesh, P())),
-                           jax.device_put(batch, NamedSharding(mesh, P('data')))))
+def _canonical(config, method_state, num_devices):
+  """Method state in an order that does not depend on the device count."""
+  if config.method == 'moco':
+    queue = method_state['queue']
+    per_step = config.global_batch_size
+    size, dim = queue.shape
+    fifo = queue.reshape(num_devices, size // per_step, per_step // num_devices, dim)
+    return {**method_state, 'queue': fifo.transpose(1, 0, 2, 3).reshape(size, dim),
+            'queue_pointer': method_state['queue_pointer'] * num_devices}
+  if config.method == 'membank':
+    return {'bank': method_state['bank'][:NUM_EXAMPLES]}
+  return method_state
 
 
 def _assert_trees_close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL), a, b)
 
 
-@pytest.mark.parametrize('optimizer', ['lars', 'sgd'])
-def test_step_on_8_devices_equals_1_device(config, optimizer):
+def _configure(config, method):
+  config.method = method
+  config.moco.queue_size = 64
+  config.moco.key_bn = 'global'        # the only key BN that is layout-independent
+  config.moco.momentum = 0.9
+  config.membank.num_negatives = 40
+
+
+@pytest.mark.parametrize('method,optimizer', [
+    ('simclr', 'lars'), ('simclr', 'sgd'), ('moco', 'sgd'), ('membank', 'sgd')])
+def test_step_on_8_devices_equals_1_device(config, method, optimizer):
+  _configure(config, method)
   config.optim.name = optimizer
-  setup = _setup(config)
-  state1, metrics1 = _run_step(1, config, *setup)
-  state8, metrics8 = _run_step(8, config, *setup)
+  initial = None
+  results = {}
+  for n in (1, 8):
+    setup = _setup(config, n)
+    initial = jax.device_get(setup[6])
+    results[n] = _run_steps(config, *setup)
+  (state1, metrics1), (state8, metrics8) = results[1], results[8]
   np.testing.assert_allclose(metrics8['loss'], metrics1['loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics8['grad_norm'], metrics1['grad_norm'], rtol=1e-4)
   _assert_trees_close(state8.params, state1.params)
   _assert_trees_close(state8.batch_stats, state1.batch_stats)
   _assert_trees_close(state8.opt_state, state1.opt_state)
+  _assert_trees_close(_canonical(config, state8.method_state, 8),
+                      _canonical(config, state1.method_state, 1))
   assert int(state8.step) == int(state1.step) == 2
   # The step really moved the parameters and the BN statistics.
-  initial = setup[4]
   assert not np.allclose(state1.params['head']['Dense_0']['kernel'],
                          initial.params['head']['Dense_0']['kernel'])
   assert not np.allclose(state1.batch_stats['encoder']['stem_bn']['mean'],
                          initial.batch_stats['encoder']['stem_bn']['mean'])
 
 
-def test_gradients_on_8_devices_equal_1_device(config):
-  method, model, _, _, state, batch = _setup(config)
-  loss1, grads1, stats1 = _gradients(1, config, method, model, state, batch)
-  loss8, grads8, stats8 = _gradients(8, config, method, model, state, batch)
+def _gradients(config, method, model, run, mesh, state, batch):
+  specs = train.state_specs(method, config)
+
+  def replica(state, batch):
+    key = jax.random.key(7)
+    view1, view2 = train.device_views(key, batch, config.aug, config.data.image_size)
+    inputs = {'view1': view1, 'view2': view2, 'index': batch['index']}
+    grad_fn = jax.value_and_grad(
+        lambda p: method.loss(model, p, state.batch_stats, state.method_state, inputs,
+                              jax.random.key(3), config, run, 'data'), has_aux=True)
+    (loss, (batch_stats, _, _)), grads = grad_fn(state.params)
+    return loss, grads, batch_stats
+
+  fn = parallel.per_replica(replica, mesh, in_specs=(specs, P('data')),
+                            out_specs=(P(), P(), P()))
+  return jax.device_get(fn(state, jax.device_put(batch, NamedSharding(mesh, P('data')))))
+
+
+@pytest.mark.parametrize('method', ['simclr', 'moco'])
+def test_gradients_on_8_devices_equal_1_device(config, method):
+  _configure(config, method)
+  results = {}
+  for n in (1, 8):
+    method_module, model, _, _, run, mesh, state, batch = _setup(config, n)
+    results[n] = _gradients(config, method_module, model, run, mesh, state, batch)
+  (loss1, grads1, stats1), (loss8, grads8, stats8) = results[1], results[8]
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   _assert_trees_close(grads8, grads1)
   _assert_trees_close(stats8, stats1)
@@ -107,11 +147,19 @@ def test_local_bn_statistics_are_averaged_over_devices(config):
   """Per-device BN normalises with local statistics; the stored running
   statistics are the mean over devices, identical on every replica."""
   config.model.bn = 'local'
-  setup = _setup(config)
-  state8, _ = _run_step(8, config, *setup)
-  state1, _ = _run_step(1, config, *setup)
+  state8, _ = _run_steps(config, *_setup(config, 8))
+  state1, _ = _run_steps(config, *_setup(config, 1))
   for leaf in jax.tree.leaves(state8.batch_stats):
     assert np.all(np.isfinite(leaf))
   # With local statistics the two layouts compute different things.
   assert not np.allclose(state8.batch_stats['encoder']['stem_bn']['var'],
                          state1.batch_stats['encoder']['stem_bn']['var'], rtol=1e-6)
+
+
+def test_moco_queue_layout_is_a_fifo_of_the_global_batch(config):
+  """Stored shards read in (step block, device, row) order form one FIFO queue."""
+  queue = np.arange(24 * 2, dtype=np.float32).reshape(24, 2)
+  stored = np.asarray(moco.fifo_to_storage(queue, num_devices=4, per_step=8))
+  shards = stored.reshape(4, 6, 2)
+  # Device 1's shard holds FIFO rows 2-3 (step 0), 10-11 (step 1), 18-19 (step 2).
+  np.testing.assert_array_equal(shards[1][:, 0] // 2, [2, 3, 10, 11, 18, 19])

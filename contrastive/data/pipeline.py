@@ -31,8 +31,10 @@ def train_iterator(data, aug, local_batch_size: int, seed: int, shard_index: int
                    shard_count: int) -> Iterator[dict]:
   """Endless shuffled batches of two host-augmented views of this process's block.
 
-  Yields numpy dicts ``{'view1', 'view2'}`` (uint8 [b, S, S, 3]) and ``'label'``
-  (int32 [b], -1 when unlabelled); incomplete batches are dropped.
+  Yields numpy dicts ``{'view1', 'view2'}`` (uint8 [b, S, S, 3]), ``'label'``
+  (int32 [b], -1 when unlabelled) and ``'index'`` (int32 [b], the image's position
+  in the split, for methods that keep per-image state); incomplete batches are
+  dropped.
   """
   tf = sources.import_tensorflow()
   process_seed = _process_seed(seed, shard_index)
@@ -50,7 +52,8 @@ def train_iterator(data, aug, local_batch_size: int, seed: int, shard_index: int
         tf.stack([tf.constant(process_seed, tf.int64), index]), 2)
     views = [_crop_and_flip(tf, image, view_seeds[v], size, crop_area, crop_aspect, flip_prob)
              for v in range(2)]
-    return {'view1': views[0], 'view2': views[1], 'label': example['label']}
+    return {'view1': views[0], 'view2': views[1], 'label': example['label'],
+            'index': example['index']}
 
   ds = encoded.repeat().enumerate()
   ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
@@ -111,7 +114,8 @@ def _process_seed(seed: int, shard_index: int) -> int:
 
 def _encoded_examples(data, split: str, shard_index: int, shard_count: int,
                       shuffle_seed: int | None):
-  """``{'encoded': string, 'label': int32}`` examples of this process's block.
+  """``{'encoded': string, 'label': int32, 'index': int32}`` examples of this
+  process's block; ``index`` is the example's position in the whole split.
 
   With a ``shuffle_seed`` the order is shuffled (and reshuffled every epoch);
   without one it is the split's fixed order. None when the block is empty.
@@ -135,10 +139,12 @@ def _folder_examples(data, split, shard_index, shard_count, shuffle_seed):
     return None
   labels = (np.full(len(paths), -1, np.int32) if listing.labels is None
             else listing.labels[start:stop])
-  ds = tf.data.Dataset.from_tensor_slices({'path': paths, 'label': labels})
+  index = np.arange(start, stop, dtype=np.int32)
+  ds = tf.data.Dataset.from_tensor_slices({'path': paths, 'label': labels, 'index': index})
   if shuffle_seed is not None:
     ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-  return ds.map(lambda ex: {'encoded': tf.io.read_file(ex['path']), 'label': ex['label']},
+  return ds.map(lambda ex: {'encoded': tf.io.read_file(ex['path']), 'label': ex['label'],
+                            'index': ex['index']},
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -150,23 +156,31 @@ def _tfds_examples(data, split, shard_index, shard_count, shuffle_seed):
   if not isinstance(builder.info.features['image'], tfds.features.Image):
     raise ValueError(f"Streaming needs an encoded tfds.features.Image 'image' feature; "
                      f"{data.name!r} has {builder.info.features['image']!r}.")
-  instruction, _ = sources.tfds_shard(
-      builder, sources.tfds_split_name(data, split), shard_index, shard_count)
+  split_name = sources.tfds_split_name(data, split)
+  instruction, _ = sources.tfds_shard(builder, split_name, shard_index, shard_count)
   if instruction is None:
     return None
   shuffle = shuffle_seed is not None
   # Unshuffled reads go one file at a time, so they follow the split's fixed order
   # (the same as the in-memory source); shuffled reads interleave files for speed.
-  read_config = (tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle
-                 else tfds.ReadConfig(interleave_cycle_length=1))
+  # Either way each example's tfds_id (file and record) gives its split index.
+  read_config = (tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=True) if shuffle
+                 else tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=True))
   ds = builder.as_dataset(
       split=instruction, shuffle_files=shuffle,
       decoders={'image': tfds.decode.SkipDecoding()}, read_config=read_config)
+  offsets = sources.tfds_file_offsets(builder, split_name)
+  file_offset = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(list(offsets), list(offsets.values()),
+                                          tf.string, tf.int64), default_value=-1)
 
   def select(example):
     label = (tf.cast(example['label'], tf.int32) if has_label
              else tf.constant(-1, tf.int32))
-    return {'encoded': example['image'], 'label': label}
+    # tfds_id is '<file name>__<record number>'.
+    filename, record = tf.unstack(tf.strings.split(example['tfds_id'], '__', maxsplit=1))
+    index = file_offset.lookup(filename) + tf.strings.to_number(record, tf.int64)
+    return {'encoded': example['image'], 'label': label, 'index': tf.cast(index, tf.int32)}
 
   ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
   if shuffle:

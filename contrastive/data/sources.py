@@ -429,6 +429,28 @@ def _tfds_ranges(builder, split_name: str) -> list[tuple[str, int, int]]:
   return ranges
 
 
+def tfds_file_offsets(builder, split_name: str) -> dict[str, int]:
+  """Per record file of a TFDS split spec, what turns a record number into the
+  example's position in the spec (``offset + record``).
+
+  A file read by two parts of the spec (such as 'train[:10]+train[20:30]') has no
+  single offset: such specs are refused.
+  """
+  offsets, position = {}, 0
+  for name, start, stop in _tfds_ranges(builder, split_name):
+    info = builder.info.splits[name]
+    first = 0
+    for filename, length in zip(info.filenames, info.shard_lengths):
+      if first < stop and first + length > start:
+        if filename in offsets:
+          raise ValueError(f'The TFDS split {split_name!r} reads {filename} twice; '
+                           'per-image indices need each file in one part of the split.')
+        offsets[filename] = position + first - start
+      first += length
+    position += stop - start
+  return offsets
+
+
 def tfds_label_info(builder, name: str) -> tuple[bool, int | None]:
   """Checks the 'image' feature exists; returns (has 'label' feature, number of classes)."""
   features = builder.info.features

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import PartitionSpec as P
 
 from contrastive import losses
 from contrastive import models
@@ -11,30 +12,32 @@ def build_model(config: ml_collections.ConfigDict):
   return models.build_model(config.model, config.head)
 
 
-def init_method_state(config, params):
-  del config, params
+def init_method_state(config, variables, run, key):
+  del config, variables, run, key
   return {}
 
 
-def loss(model, params, batch_stats, method_state, views, config, axis_name):
+def state_specs(config):
+  del config
+  return P()
+
+
+def loss(model, params, batch_stats, method_state, inputs, key, config, run, axis_name):
   """Both views go through the network as one batch, so BN sees both."""
-  del method_state
-  view1, view2 = views
+  del method_state, key, run
+  view1, view2 = inputs['view1'], inputs['view2']
   n = view1.shape[0]
   (_, projections), updates = model.apply(
       {'params': params, 'batch_stats': batch_stats},
       jnp.concatenate([view1, view2]), train=True, mutable=['batch_stats'])
   value = losses.nt_xent(projections[:n], projections[n:],
                          config.simclr.temperature, axis_name=axis_name)
-  return value, (updates['batch_stats'], {})
+  return value, (updates['batch_stats'], {}, {})
 
 
-def update_method_state(method_state, params, step, config):
-  del params, step, config
+def update_method_state(method_state, params, for_update, step, config, run, axis_name):
+  del params, for_update, step, config, run, axis_name
   return method_state
 
 
-def encode(model, params, batch_stats, images):
-  features, _ = model.apply({'params': params, 'batch_stats': batch_stats},
-                            images, train=False)
-  return features
+encode = models.encoder_features

@@ -45,3 +45,16 @@ def build_model(model: ml_collections.ConfigDict, head: ml_collections.ConfigDic
       out_dim=head.out_dim, use_bn=head.use_bn,
       bn_axis_name=bn_axis_name(model, axis_name), bn_momentum=model.bn_momentum)
   return EncoderWithHead(encoder, projection)
+
+
+def with_bn_axis(model: EncoderWithHead, axis_name: str | None) -> EncoderWithHead:
+  """The same network with its BatchNorm statistics over ``axis_name`` (None: local)."""
+  return model.clone(encoder=model.encoder.clone(bn_axis_name=axis_name),
+                     head=model.head.clone(bn_axis_name=axis_name))
+
+
+def encoder_features(model: EncoderWithHead, params, batch_stats, images):
+  """What evaluation and export use: the encoder's pooled features, BN in inference."""
+  features, _ = model.apply({'params': params, 'batch_stats': batch_stats},
+                            images, train=False)
+  return features
