@@ -24,9 +24,12 @@ setuptools.setup(
         'tensorflow-cpu>=2.16',  # tf.data host pipeline (never on the accelerator)
         'tensorflow-datasets>=4.9',
         'importlib_resources',  # tensorflow-datasets needs it to prepare datasets
+        'safetensors',          # torchvision-named weight export
     ],
     extras_require={
-        'test': ['pytest'],
+        # torch/torchvision: only to check the torchvision export in the tests;
+        # the library itself never imports them.
+        'test': ['pytest', 'torch==2.14.1', 'torchvision==0.29.1'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
     },

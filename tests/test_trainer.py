@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from contrastive import metrics
@@ -19,7 +20,17 @@ def _losses(workdir):
           if 'loss' in record}
 
 
+def _final_method_state(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', str(step), 'default'))
+  return restored['method_state']
+
+
 def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch):
+  """A MoCo run (EMA target, sharded queue) killed mid-way and restarted with the
+  same command gives the uninterrupted run's losses and final queue."""
+  config.method = 'moco'
+  config.moco.queue_size = 32
   config.checkpoint_every_steps = 2
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   expected = _losses(tmp_path / 'straight')
@@ -45,6 +56,13 @@ def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch)
                              [expected[s] for s in sorted(expected)], rtol=1e-6)
   checkpoints = os.listdir(tmp_path / 'resumed' / 'checkpoints')
   assert str(total) in checkpoints
+  straight_state = _final_method_state(tmp_path / 'straight', total)
+  resumed_state = _final_method_state(tmp_path / 'resumed', total)
+  assert int(resumed_state['queue_pointer']) == int(straight_state['queue_pointer'])
+  np.testing.assert_allclose(resumed_state['queue'], straight_state['queue'], atol=1e-6)
+  np.testing.assert_allclose(resumed_state['target_params']['head']['Dense_0']['kernel'],
+                             straight_state['target_params']['head']['Dense_0']['kernel'],
+                             atol=1e-6)
 
 
 def _free_port():

@@ -1,0 +1,377 @@
+r"""The pretrained encoder of a training workdir: load it, encode images, export it.
+
+    python -m contrastive.export --workdir=/tmp/quickstart --format=torchvision \
+        --out=/tmp/quickstart/resnet.safetensors
+
+``--format`` is ``flax`` (one msgpack file, read back by :func:`load_flax_encoder`),
+``torchvision`` (safetensors with torchvision ResNet names) or ``detectron2`` (a
+.pkl for detectron2's checkpointer); ``--step`` picks a checkpoint other than the
+latest. Only the backbone is exported: no projection head, no method state.
+
+In Python, :func:`load_pretrained` gives the config, the Flax encoder and its
+variables, and :func:`encode` gives features of images.
+
+The exported network expects what it was trained on: RGB in [0, 1], then
+``(x - config.aug.mean) / config.aug.std`` when the run set them (the digits and
+CIFAR recipes do not normalise at all). Each format records these values.
+
+Orbax and the config schema are imported inside the functions that read a
+workdir, so that :func:`load_flax_encoder` needs only flax and jax.
+"""
+
+import functools
+import json
+import os
+import pickle
+import sys
+from typing import Any, NamedTuple
+
+import flax.serialization
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from contrastive import models
+from contrastive.models import resnet
+
+FORMATS = ('flax', 'torchvision', 'detectron2')
+_FLAX_FORMAT = 'contrastive.flax_encoder'
+
+
+class Pretrained(NamedTuple):
+  """The encoder of a run, and the config that trained it."""
+  config: Any           # ml_collections.ConfigDict with every field of base_config()
+  encoder: resnet.ResNet
+  variables: dict       # {'params', 'batch_stats'} of the encoder, numpy arrays
+  step: int
+
+
+# ----------------------------------------------------------------------------- load
+
+def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
+  """The encoder of ``workdir``'s checkpoint at ``step`` (default: the latest).
+
+  Only the encoder's params and BatchNorm statistics are read, as host numpy
+  arrays, so the method state (queues, EMA targets), optimizer state and the
+  sharding of the run (any number of devices) do not matter. The encoder has no
+  BatchNorm axis name: it runs, and fine-tunes, outside any mesh.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from contrastive import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{config_path} does not exist: {workdir} is not the '
+                            'workdir of a training run.')
+  with open(config_path) as f:
+    saved = json.load(f)
+  # Onto the schema, so fields added since the run exist with their defaults.
+  config = config_lib.base_config()
+  config.update(saved)
+
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory} does not exist: the run in {workdir} saved '
+                            'no checkpoint yet.')
+  manager = ocp.CheckpointManager(
+      directory, item_handlers=ocp.PyTreeCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'{directory} holds no complete checkpoint.')
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f'{directory} has no checkpoint of step {step}; it has '
+                              f'steps {", ".join(map(str, sorted(steps)))}.')
+    saved_tree = manager.item_metadata(step).tree
+    # Partial restore of the encoder subtrees; restore_type=np.ndarray ignores
+    # the shardings recorded at save time, so any device count can read them.
+    item = {collection: {'encoder': jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+        saved_tree[collection]['encoder'])}
+            for collection in ('params', 'batch_stats')}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                item)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  finally:
+    manager.close()
+  encoder = models.build_encoder(config.model).clone(bn_axis_name=None)
+  variables = {collection: restored[collection]['encoder']
+               for collection in ('params', 'batch_stats')}
+  return Pretrained(config=config, encoder=encoder, variables=variables, step=int(step))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _features(encoder, variables, pixels):
+  return encoder.apply(variables, pixels, train=False)
+
+
+def encode(pretrained: Pretrained, images, batch_size: int = 256) -> np.ndarray:
+  """Encoder features [N, num_features] of NHWC images, as the trainer evaluates.
+
+  ``images``: uint8 in [0, 255], or floats in [0, 1], at the training resolution
+  (``config.data.image_size``). They get the trainer's evaluation preprocessing
+  and BatchNorm runs on its running statistics. Batches are padded to
+  ``batch_size`` so that one compilation serves every call.
+  """
+  from contrastive.data import augment  # pylint: disable=g-import-not-at-top
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = images.astype(np.float32) * 255.0   # preprocess_eval divides by 255
+  variables = jax.device_put(pretrained.variables)   # once, not once a batch
+  features = [np.zeros((0, pretrained.encoder.num_features), np.float32)]
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    padded = np.pad(chunk, [(0, batch_size - len(chunk))] + [(0, 0)] * 3)
+    pixels = augment.preprocess_eval(padded, pretrained.config.aug)
+    features.append(np.asarray(
+        _features(pretrained.encoder, variables, pixels))[:len(chunk)])
+  return np.concatenate(features)
+
+
+def _input_normalization(config) -> dict:
+  """Mean and std applied after scaling to [0, 1] (None: no normalisation)."""
+  return {'mean': None if config.aug.mean is None else list(config.aug.mean),
+          'std': None if config.aug.std is None else list(config.aug.std)}
+
+
+# ----------------------------------------------------------------------------- flax
+
+def export_flax(workdir: str, out_path: str, step: int | None = None) -> None:
+  """One msgpack file: the model description, input normalisation and variables."""
+  pretrained = load_pretrained(workdir, step)
+  model = pretrained.config.model
+  payload = {
+      'format': _FLAX_FORMAT,
+      'model': {'name': model.name, 'width': model.width, 'stem': model.stem,
+                'bn_momentum': model.bn_momentum},
+      'input': _input_normalization(pretrained.config),
+      'step': pretrained.step,
+      'variables': pretrained.variables,
+  }
+  with open(out_path, 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(payload))
+
+
+def load_flax_encoder(path: str) -> tuple[resnet.ResNet, dict]:
+  """``(module, variables)`` from :func:`export_flax`'s file; flax and jax only.
+
+  Features: ``module.apply(variables, images, train=False)`` on images prepared as
+  the file's ``input`` entry says (``flax.serialization.msgpack_restore`` reads
+  the whole file as a dict).
+  """
+  with open(path, 'rb') as f:
+    payload = flax.serialization.msgpack_restore(f.read())
+  if not isinstance(payload, dict) or payload.get('format') != _FLAX_FORMAT:
+    raise ValueError(f'{path} is not a file written by contrastive.export.export_flax.')
+  model = payload['model']
+  stage_sizes, block = resnet.ARCHITECTURES[model['name']]
+  module = resnet.ResNet(stage_sizes=stage_sizes, block=block, width=model['width'],
+                         stem=model['stem'], bn_momentum=model['bn_momentum'])
+  return module, payload['variables']
+
+
+# ------------------------------------------------------------------------ torchvision
+
+def torchvision_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
+  """The encoder under torchvision's ResNet names, convolutions as OIHW.
+
+  The names and the v1.5 layout (stride in the 3x3 convolution) are torchvision's,
+  so with ``model.width=1.0`` the dict loads with ``strict=True`` into::
+
+      net = torchvision.models.resnet50()   # or resnet18/34/101/152
+      net.fc = torch.nn.Identity()          # backbone only: the dict has no fc
+      net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+
+  ``resnet10`` is ``torchvision.models.resnet.ResNet(BasicBlock, [1, 1, 1, 1])``.
+  Other widths have no torchvision constructor (its ``width_per_group`` widens
+  only the bottleneck's inner convolutions). For ``model.stem='cifar'`` replace
+  the stem before loading::
+
+      net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+      net.maxpool = torch.nn.Identity()
+
+  ``num_batches_tracked`` is the training step: the statistics were updated once
+  a step.
+  """
+  params = pretrained.variables['params']
+  stats = pretrained.variables['batch_stats']
+  step = np.asarray(pretrained.step, np.int64)
+  used = set()
+
+  def conv(torch_name, flax_path):
+    used.add(('params', *flax_path, 'kernel'))
+    kernel = _at(params, flax_path)['kernel']
+    return {f'{torch_name}.weight': np.ascontiguousarray(
+        np.transpose(kernel, (3, 2, 0, 1)), np.float32)}
+
+  def batch_norm(torch_name, flax_path):
+    used.update({('params', *flax_path, 'scale'), ('params', *flax_path, 'bias'),
+                 ('batch_stats', *flax_path, 'mean'), ('batch_stats', *flax_path, 'var')})
+    p, s = _at(params, flax_path), _at(stats, flax_path)
+    values = {'weight': p['scale'], 'bias': p['bias'], 'running_mean': s['mean'],
+              'running_var': s['var']}
+    out = {f'{torch_name}.{k}': np.asarray(v, np.float32) for k, v in values.items()}
+    out[f'{torch_name}.num_batches_tracked'] = step
+    return out
+
+  state = {**conv('conv1', ('stem_conv',)), **batch_norm('bn1', ('stem_bn',))}
+  encoder = pretrained.encoder
+  convs_per_block = 3 if encoder.block is resnet.Bottleneck else 2
+  for stage, num_blocks in enumerate(encoder.stage_sizes):
+    for i in range(num_blocks):
+      block = f'stage{stage + 1}_block{i + 1}'
+      prefix = f'layer{stage + 1}.{i}'
+      for c in range(convs_per_block):
+        state.update(conv(f'{prefix}.conv{c + 1}', (block, f'Conv_{c}')))
+        state.update(batch_norm(f'{prefix}.bn{c + 1}', (block, f'BatchNorm_{c}')))
+      if f'Conv_{convs_per_block}' in params[block]:   # projection shortcut
+        state.update(conv(f'{prefix}.downsample.0', (block, f'Conv_{convs_per_block}')))
+        state.update(batch_norm(f'{prefix}.downsample.1',
+                                (block, f'BatchNorm_{convs_per_block}')))
+  unmapped = {path for path in _leaf_paths(pretrained.variables) if path not in used}
+  if unmapped:
+    raise ValueError('Encoder variables with no torchvision name (has the ResNet '
+                     f'changed?): {sorted(".".join(p) for p in unmapped)[:5]}')
+  return state
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _leaf_paths(tree, prefix=()):
+  if not isinstance(tree, dict):
+    return [prefix]
+  return [path for key, sub in tree.items() for path in _leaf_paths(sub, (*prefix, key))]
+
+
+def export_torchvision(workdir: str, out_path: str, step: int | None = None) -> None:
+  """:func:`torchvision_state_dict` as safetensors; metadata: model and input.
+
+  Read it with ``safetensors.torch.load_file(out_path)``; the metadata
+  (``safetensors.safe_open(out_path, 'pt').metadata()``) holds ``model`` and
+  ``input`` as JSON strings.
+  """
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  pretrained = load_pretrained(workdir, step)
+  safetensors.numpy.save_file(
+      torchvision_state_dict(pretrained), out_path,
+      metadata={'model': json.dumps(pretrained.config.model.to_dict()),
+                'input': json.dumps(_input_normalization(pretrained.config)),
+                'step': str(pretrained.step)})
+
+
+# ------------------------------------------------------------------------- detectron2
+
+def detectron2_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
+  """The encoder under detectron2's ResNet names (``stem.conv1``, ``res2``..``res5``).
+
+  The torchvision names renamed: ``layerN`` -> ``res{N+1}``, ``bnK`` ->
+  ``convK.norm``, ``downsample.0/1`` -> ``shortcut``/``shortcut.norm``, stem
+  names prefixed with ``stem.``; ``num_batches_tracked`` is dropped (detectron2's
+  frozen BatchNorm has none). The arrays are the same.
+  """
+  if pretrained.config.model.stem != 'imagenet':
+    raise ValueError(f'model.stem={pretrained.config.model.stem!r}: detectron2 '
+                     "builds only the 'imagenet' stem (7x7/2 convolution and "
+                     'max-pool), and drops weights whose shape does not match.')
+  return {_detectron2_name(name): value
+          for name, value in torchvision_state_dict(pretrained).items()
+          if not name.endswith('num_batches_tracked')}
+
+
+def _detectron2_name(torchvision_name: str) -> str:
+  parts = torchvision_name.split('.')
+  if parts[0].startswith('layer'):
+    parts[0] = f'res{int(parts[0][len("layer"):]) + 1}'
+  else:
+    parts.insert(0, 'stem')
+  name = '.'.join(parts)
+  name = name.replace('downsample.0.', 'shortcut.').replace('downsample.1.',
+                                                            'shortcut.norm.')
+  for k in (1, 2, 3):
+    name = name.replace(f'.bn{k}.', f'.conv{k}.norm.')
+  return name
+
+
+class _PortablePickler(pickle.Pickler):
+  """Pickles arrays as ``numpy.ndarray(shape, dtype, buffer)``.
+
+  NumPy 2's own reduction names ``numpy._core``, which NumPy 1.x (common in
+  detectron2 environments) cannot import; ``numpy.ndarray`` exists in both.
+  """
+
+  def reducer_override(self, obj):
+    if isinstance(obj, np.ndarray):
+      data = bytearray(np.ascontiguousarray(obj).tobytes())   # writable on load
+      return np.ndarray, (obj.shape, obj.dtype.str, data)
+    return NotImplemented
+
+
+def export_detectron2(workdir: str, out_path: str, step: int | None = None) -> None:
+  """A .pkl that detectron2's ``DetectionCheckpointer`` loads by exact names.
+
+  Config to match it: ``MODEL.WEIGHTS=<out_path>``, ``MODEL.RESNETS.DEPTH`` the
+  depth (18, 34, 50, 101 or 152; detectron2 has no 10), ``MODEL.RESNETS.STRIDE_IN_1X1
+  False`` (v1.5 layout), ``INPUT.FORMAT 'RGB'``, ``MODEL.PIXEL_MEAN`` and
+  ``MODEL.PIXEL_STD`` = 255 x the run's ``aug.mean`` / ``aug.std`` (0 and 255 when
+  the run did not normalise). ResNet-18/34 need ``RES2_OUT_CHANNELS 64`` and
+  width 1 (detectron2 fixes their channels). Bottleneck nets of ``model.width``
+  w != 1 need ``STEM_OUT_CHANNELS`` = ``WIDTH_PER_GROUP`` = int(64 w) and
+  ``RES2_OUT_CHANNELS`` = 4 int(64 w).
+  """
+  pretrained = load_pretrained(workdir, step)
+  checkpoint = {'model': detectron2_state_dict(pretrained),
+                '__author__': f'contrastive.export of {os.path.abspath(workdir)} '
+                              f'step {pretrained.step}',
+                'matching_heuristics': False}
+  with open(out_path, 'wb') as f:
+    _PortablePickler(f, protocol=4).dump(checkpoint)
+
+
+# ----------------------------------------------------------------------- command line
+
+EXPORTERS = {'flax': export_flax, 'torchvision': export_torchvision,
+             'detectron2': export_detectron2}
+
+
+def _run(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  values = flags.FLAGS
+  if not values['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # Orbax's INFO lines would bury the result
+  try:
+    EXPORTERS[values.format](values.workdir, values.out, values.step)
+  except (ValueError, FileNotFoundError) as err:
+    # A wrong workdir or step: the message says what to change.
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(1)
+  print(f'Wrote {values.out} ({values.format}).')
+
+
+def main():
+  """``python -m contrastive.export``.
+
+  The flags are defined here rather than at import, so that programs importing
+  this module for :func:`load_pretrained` keep their own ``--workdir``.
+  """
+  flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
+  flags.DEFINE_enum('format', None, FORMATS, 'What to write.')
+  flags.DEFINE_string('out', None, 'Output file.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+  flags.mark_flags_as_required(['workdir', 'format', 'out'])
+  app.run(_run)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,172 @@
+"""MoCo and memory-bank state: EMA, queue, shuffle BN and bank updates, exactly."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from contrastive import models
+from contrastive import train
+from contrastive.methods import RunInfo, membank, moco
+
+
+def _mesh8():
+  return jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_ema_is_exact(config):
+  rng = np.random.default_rng(0)
+  target = {'a': rng.normal(size=(3, 4)).astype(np.float32),
+            'b': {'c': rng.normal(size=(5,)).astype(np.float32)}}
+  online = jax.tree.map(lambda x: x + np.float32(1.5), target)
+  got = jax.jit(moco.ema)(target, online, jnp.float32(0.99))
+  want = jax.tree.map(lambda t, o: np.float32(0.99) * t + np.float32(1 - 0.99) * o,
+                      target, online)
+  # Exact up to float32 rounding (XLA may fuse the sum into one fused multiply-add).
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=5e-7), got, want)
+  config.moco.momentum, config.moco.momentum_schedule = 0.99, 'cosine'
+  assert float(moco.momentum_at(0, config.moco, 100)) == pytest.approx(0.99)
+  assert float(moco.momentum_at(50, config.moco, 100)) == pytest.approx(0.995)
+  assert float(moco.momentum_at(100, config.moco, 100)) == pytest.approx(1.0)
+  config.moco.momentum_schedule = 'constant'
+  assert float(moco.momentum_at(70, config.moco, 100)) == pytest.approx(0.99)
+
+
+def test_enqueue_wraps_around():
+  queue = jnp.zeros((6, 2))
+  keys = jnp.arange(4, dtype=jnp.float32).reshape(2, 2) + 1
+  queue, pointer = moco.enqueue(queue, jnp.int32(2), keys)
+  np.testing.assert_array_equal(queue[2:4], keys)
+  assert int(pointer) == 4
+  queue, pointer = moco.enqueue(queue, pointer, keys + 10)
+  assert int(pointer) == 0                                   # wrapped
+  queue, pointer = moco.enqueue(queue, pointer, keys + 20)
+  np.testing.assert_array_equal(queue, np.concatenate([keys + 20, keys, keys + 10]))
+  assert int(pointer) == 2
+
+
+def test_sharded_enqueue_keeps_one_global_fifo():
+  """8 shards each take their device's keys; read back in FIFO order, the queue
+  holds the last K keys of the global batches, oldest first, as on one device."""
+  mesh, per_step, size, dim = _mesh8(), 16, 48, 3
+
+  def update(queue, pointer, keys):
+    return moco.enqueue(queue, pointer, keys)
+
+  step = jax.jit(jax.shard_map(update, mesh=mesh, in_specs=(P('data'), P(), P('data')),
+                               out_specs=(P('data'), P())))
+  queue = jnp.asarray(moco.fifo_to_storage(np.zeros((size, dim), np.float32), 8, per_step))
+  pointer = jnp.int32(0)
+  batches = [(s + 1 + np.arange(per_step)[:, None] / 100 + np.zeros(dim)).astype(np.float32)
+             for s in range(4)]
+  for keys in batches:
+    queue, pointer = step(queue, pointer, jnp.asarray(keys))
+  fifo = np.asarray(queue).reshape(8, size // per_step, per_step // 8, dim).transpose(
+      1, 0, 2, 3).reshape(size, dim)
+  # Four batches into three slots: the first was overwritten by the fourth.
+  np.testing.assert_array_equal(fifo, np.concatenate([batches[3], batches[1], batches[2]]))
+  assert int(pointer) == (4 * per_step // 8) % (size // 8)
+
+
+def test_shuffle_bn_undoes_the_permutation_and_uses_permuted_sub_batches(config):
+  config.method = 'moco'
+  config.moco.key_bn = 'shuffle'
+  config.head.use_bn = False        # MoCo's heads; BN lives in the encoder
+  mesh, n_local = _mesh8(), 4
+  model = moco.build_model(config)
+  images = jax.random.uniform(jax.random.key(0), (8 * n_local, 16, 16, 3))
+  variables = models.with_bn_axis(model, None).init(jax.random.key(1), images[:2],
+                                                    train=False)
+  method_state = {'target_params': variables['params'],
+                  'target_batch_stats': variables['batch_stats']}
+  shuffle_key = jax.random.key(5)
+
+  def replica(state, views):
+    return moco.compute_keys(model, state, views, shuffle_key, 'shuffle', 'data')
+
+  keys8, stats8 = jax.jit(jax.shard_map(
+      replica, mesh=mesh, in_specs=(P(), P('data')), out_specs=(P('data'), P())))(
+          method_state, images)
+
+  # Reference: permute the global batch, run each device's slice with its own BN
+  # statistics, put the outputs back in the original order.
+  permutation = np.asarray(jax.random.permutation(shuffle_key, 8 * n_local))
+  local_apply = jax.jit(functools.partial(
+      models.with_bn_axis(model, None).apply, train=True, mutable=['batch_stats']))
+  outputs = np.zeros((8 * n_local, config.head.out_dim), np.float32)
+  device_stats = []
+  for d in range(8):
+    rows = permutation[d * n_local:(d + 1) * n_local]
+    (_, proj), updates = local_apply(variables, images[rows])
+    outputs[rows] = np.asarray(proj)
+    device_stats.append(updates['batch_stats'])
+  want = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
+  np.testing.assert_allclose(keys8, want, rtol=1e-4, atol=1e-5)
+  mean_stats = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *device_stats)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
+               stats8, mean_stats)
+  # Per-device BN on the unshuffled sub-batches would have given other keys.
+  unshuffled = np.concatenate([
+      np.asarray(local_apply(variables, images[d * n_local:(d + 1) * n_local])[0][1])
+      for d in range(8)])
+  assert not np.allclose(unshuffled / np.linalg.norm(unshuffled, axis=1, keepdims=True),
+                         want, atol=1e-3)
+
+
+def test_memory_bank_update_is_exact(config):
+  config.membank.momentum = 0.5
+  run = RunInfo(num_examples=30, num_devices=8, global_batch_size=8, total_steps=1)
+  bank = np.asarray(membank.init_method_state(config, None, run, jax.random.key(0))['bank'])
+  assert bank.shape == (32, config.head.out_dim)              # 30 rounded up to 8 shards
+  np.testing.assert_allclose(np.linalg.norm(bank[:30], axis=1), 1.0, rtol=1e-6)
+  index = np.array([29, 0, 7, 8, 15, 16, 3, 22], np.int32)
+  embeddings = np.random.default_rng(1).normal(size=(8, config.head.out_dim))
+  embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(
+      np.float32)
+
+  def replica(state, for_update):
+    return membank.update_method_state(state, None, for_update, 0, config, run, 'data')
+
+  got = np.asarray(jax.jit(jax.shard_map(
+      replica, mesh=_mesh8(), in_specs=(P('data'), P('data')), out_specs=P('data')))(
+          {'bank': jnp.asarray(bank)}, {'embeddings': embeddings, 'index': index})['bank'])
+  want = bank.copy()
+  mixed = 0.5 * bank[index] + 0.5 * embeddings
+  want[index] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  untouched = np.setdiff1d(np.arange(32), index)
+  np.testing.assert_array_equal(got[untouched], bank[untouched])
+
+
+def test_memory_bank_reads_rows_across_shards(config):
+  run = RunInfo(num_examples=30, num_devices=8, global_batch_size=8, total_steps=1)
+  bank = membank.init_method_state(config, None, run, jax.random.key(0))['bank']
+  rows = jnp.asarray([31, 0, 4, 5, 17, 29], jnp.int32)
+  got = jax.jit(jax.shard_map(lambda b: membank.read_rows(b, rows, 'data'), mesh=_mesh8(),
+                              in_specs=P('data'), out_specs=P()))(bank)
+  np.testing.assert_array_equal(got, np.asarray(bank)[np.asarray(rows)])
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('moco.queue_size', 40, r'config.moco.queue_size=40 must be a positive multiple of '
+                            r'the keys enqueued per step, 16 .*try 32'),
+    ('moco.key_bn', 'sync', r"config.moco.key_bn='sync'; valid: shuffle, global, local"),
+    ('moco.momentum_schedule', 'linear', r"momentum_schedule='linear'"),
+])
+def test_moco_config_errors_name_the_field(config, field, value, message):
+  config.method = 'moco'
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, '/tmp/unused-workdir-for-config-errors')
+
+
+def test_symmetric_queue_needs_two_keys_per_image(config):
+  config.method = 'moco'
+  config.moco.symmetric = True
+  config.moco.queue_size = 48                    # a multiple of 16, not of 32
+  with pytest.raises(ValueError, match=r'32 \(global batch 16 x 2 views'):
+    train.train_and_evaluate(config, '/tmp/unused-workdir-for-config-errors')
