@@ -195,10 +195,14 @@ def test_streaming_folder_with_corrupt_file(image_folder):
   from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
   data = make_data(source='folder', path=image_folder, holdout_per_class=2, image_size=12)
   stream = pipeline.train_iterator(data, make_aug(), 4, seed=0, shard_index=1, shard_count=2)
+  train_labels = sources.load_arrays(data, 'train').labels
   for _ in range(5):  # More batches than the shard holds: the stream repeats.
     batch = next(stream)
+    # 'index' is the image's position in the whole training split.
+    np.testing.assert_array_equal(train_labels[batch['index']], batch['label'])
     assert batch['view1'].shape == batch['view2'].shape == (4, 12, 12, 3)
     assert batch['view1'].dtype == np.uint8 and batch['label'].dtype == np.int32
+    assert batch['index'].dtype == np.int32
     for view in ('view1', 'view2'):
       colour_of = batch[view].reshape(4, -1, 3).mean(axis=1).argmax(axis=1)
       np.testing.assert_array_equal(colour_of, batch['label'])
@@ -288,6 +292,22 @@ def test_tfds_nested_slices(tfds_data):
   assert sources.split_info(data, 'train').num_examples == _TFDS_TRAIN - 5 + 3
   sliced = _check_nested_shards(data, 'train')
   assert _ids(sliced.images) == whole_train[5:] + whole_test[:3]
+
+
+def test_streaming_tfds_index_is_the_position_in_the_split(tfds_data):
+  """Through shuffled files and a sliced, summed split, 'index' still points at
+  the example's position in the split's fixed order."""
+  from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
+  data = make_data(**{**tfds_data.to_dict(), 'train_split': 'train[5:]+test[:3]'})
+  in_order = _ids(sources.load_arrays(data, 'train').images)
+  stream = pipeline.train_iterator(data, make_aug(), 4, seed=3, shard_index=1,
+                                   shard_count=2)
+  seen = set()
+  for _ in range(6):
+    batch = next(stream)
+    assert [in_order[i] for i in batch['index']] == _ids(batch['view1'])
+    seen.update(batch['index'].tolist())
+  assert seen == set(range(len(in_order) // 2, len(in_order)))   # shard 1's block
 
 
 def test_tfds_unknown_name_suggests_close_match():

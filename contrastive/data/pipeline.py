@@ -178,8 +178,11 @@ def _tfds_examples(data, split, shard_index, shard_count, shuffle_seed):
     label = (tf.cast(example['label'], tf.int32) if has_label
              else tf.constant(-1, tf.int32))
     # tfds_id is '<file name>__<record number>'.
-    filename, record = tf.unstack(tf.strings.split(example['tfds_id'], '__', maxsplit=1))
-    index = file_offset.lookup(filename) + tf.strings.to_number(record, tf.int64)
+    parts = tf.strings.split(example['tfds_id'], '__', maxsplit=1)
+    offset = file_offset.lookup(parts[0])
+    with tf.control_dependencies([tf.debugging.assert_non_negative(
+        offset, message=f'A {data.name} record file outside the split listing')]):
+      index = offset + tf.strings.to_number(parts[1], tf.int64)
     return {'encoded': example['image'], 'label': label, 'index': tf.cast(index, tf.int32)}
 
   ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
