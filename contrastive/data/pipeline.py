@@ -172,17 +172,18 @@ def _tfds_examples(data, split, shard_index, shard_count, shuffle_seed):
   offsets = sources.tfds_file_offsets(builder, split_name)
   file_offset = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(list(offsets), list(offsets.values()),
-                                          tf.string, tf.int64), default_value=-1)
+                                          tf.string, tf.int64), default_value=-2**62)
 
   def select(example):
     label = (tf.cast(example['label'], tf.int32) if has_label
              else tf.constant(-1, tf.int32))
     # tfds_id is '<file name>__<record number>'.
     parts = tf.strings.split(example['tfds_id'], '__', maxsplit=1)
-    offset = file_offset.lookup(parts[0])
+    index = file_offset.lookup(parts[0]) + tf.strings.to_number(parts[1], tf.int64)
+    # A file missing from the listing gets the default offset: fail, never mislabel.
     with tf.control_dependencies([tf.debugging.assert_non_negative(
-        offset, message=f'A {data.name} record file outside the split listing')]):
-      index = offset + tf.strings.to_number(parts[1], tf.int64)
+        index, message=f'{data.name}: a record file outside the split listing')]):
+      index = tf.identity(index)
     return {'encoded': example['image'], 'label': label, 'index': tf.cast(index, tf.int32)}
 
   ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
