@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.base_lr = 0.3
   config.optim.lr_scaling = 'linear'       # 'linear' (x B/256), 'sqrt' (x sqrt B), 'none'
   config.optim.warmup_epochs = 10.0
+  config.optim.schedule = 'cosine'         # 'cosine' or 'steps' (x decay_factor at decay_epochs)
+  config.optim.decay_epochs = ()
+  config.optim.decay_factor = 0.1
   config.optim.weight_decay = 1e-6
   config.optim.momentum = 0.9
   config.optim.nesterov = False

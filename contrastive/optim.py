@@ -1,4 +1,4 @@
-"""Optimisers (LARS, SGD, AdamW) and the warmup + cosine learning-rate schedule."""
+"""Optimisers (LARS, SGD, AdamW) and the warmup + cosine or step learning-rate schedule."""
 
 import math
 
@@ -26,12 +26,33 @@ def scaled_learning_rate(optim: ml_collections.ConfigDict, global_batch: int) ->
       f'optim.lr_scaling={optim.lr_scaling!r}; valid: {", ".join(LR_SCALINGS)}')
 
 
-def learning_rate_schedule(peak_lr: float, warmup_steps: int, total_steps: int):
-  """Linear warmup from 0 to ``peak_lr``, then cosine decay to 0."""
+SCHEDULES = ('cosine', 'steps')
+
+
+def learning_rate_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
+                           decay: str = 'cosine', boundaries=(), factor: float = 0.1):
+  """Linear warmup from 0 to ``peak_lr``, then a decay.
+
+  'cosine': cosine decay to 0 at ``total_steps`` (SimCLR, MoCo v2). 'steps': the
+  rate is multiplied by ``factor`` at each of ``boundaries`` (steps from the start
+  of the run; MoCo v1 and the memory bank).
+  """
   warmup_steps = min(warmup_steps, total_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+  if decay == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+  if decay == 'steps':
+    if any(b < warmup_steps for b in boundaries):
+      raise ValueError(f'optim.decay_epochs fall inside the warmup ({warmup_steps} steps): '
+                       f'{sorted(boundaries)} steps.')
+    steps = optax.piecewise_constant_schedule(
+        peak_lr, {b - warmup_steps: factor for b in sorted(boundaries)})
+    if not warmup_steps:
+      return steps
+    warmup = optax.linear_schedule(0.0, peak_lr, warmup_steps)
+    return optax.join_schedules([warmup, steps], [warmup_steps])
+  raise ValueError(f'optim.schedule={decay!r}; valid: {", ".join(SCHEDULES)}')
 
 
 def decay_mask(params):

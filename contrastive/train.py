@@ -238,7 +238,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- state
   peak_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
   schedule = optim.learning_rate_schedule(
-      peak_lr, int(round(config.optim.warmup_epochs * steps_per_epoch)), total_steps)
+      peak_lr, int(round(config.optim.warmup_epochs * steps_per_epoch)), total_steps,
+      config.optim.schedule,
+      [int(round(epoch * steps_per_epoch)) for epoch in config.optim.decay_epochs],
+      config.optim.decay_factor)
   tx = optim.make_optimizer(config.optim, schedule)
   image_shape = (image_size, image_size, 3)
   state = init_state(method, model, tx, config, image_shape, run, mesh)

@@ -39,6 +39,21 @@ def test_warmup_then_cosine_to_zero():
   assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_step_schedule_after_warmup():
+  schedule = optim.learning_rate_schedule(0.03, warmup_steps=0, total_steps=200,
+                                          decay='steps', boundaries=(120, 160))
+  assert [float(schedule(s)) for s in (0, 119, 120, 159, 160, 199)] == pytest.approx(
+      [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
+  warm = optim.learning_rate_schedule(1.0, warmup_steps=4, total_steps=20, decay='steps',
+                                      boundaries=(10,))
+  assert [float(warm(s)) for s in (0, 2, 4, 9, 10, 19)] == pytest.approx(
+      [0.0, 0.5, 1.0, 1.0, 0.1, 0.1])
+  with pytest.raises(ValueError, match='inside the warmup'):
+    optim.learning_rate_schedule(1.0, 4, 20, decay='steps', boundaries=(3,))
+  with pytest.raises(ValueError, match=r"optim.schedule='linear'; valid: cosine, steps"):
+    optim.learning_rate_schedule(1.0, 4, 20, decay='linear')
+
+
 def test_biases_and_batchnorm_are_excluded_from_decay_and_trust_ratio():
   params = {'conv': {'kernel': jnp.ones((3, 3, 2, 4))}, 'bn': {'scale': jnp.ones(4),
                                                                'bias': jnp.ones(4)}}

@@ -21,6 +21,10 @@ _LUMA = (0.2989, 0.5870, 0.1140)  # Weights of tf.image.rgb_to_grayscale.
 _CROP_ATTEMPTS = 10
 _CROP_DRAWS = 2 * _CROP_ATTEMPTS + 2  # Areas, aspects, then top and left.
 _JITTER_DRAWS = 8  # Four factors, then four sort keys for the order.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 def simclr_augment_config(strength: float = 1.0,
@@ -46,6 +50,25 @@ def simclr_augment_config(strength: float = 1.0,
   # Typed placeholders, so a tuple can be set later from the command line.
   aug.mean = config_dict.placeholder(tuple)
   aug.std = config_dict.placeholder(tuple)
+  return aug
+
+
+def moco_augment_config(version: int) -> ml_collections.ConfigDict:
+  """MoCo's augmentations; v1 is also the memory bank's (Wu et al. 2018).
+
+  v1: crop area (0.2, 1), colour jitter 0.4 on all four always applied,
+  grayscale 0.2, flip. v2: jitter (0.4, 0.4, 0.4, 0.1) with probability 0.8 and
+  blur with probability 0.5 on top. Both normalise with ImageNet mean/std.
+  """
+  if version not in (1, 2):
+    raise ValueError(f'MoCo augmentation version {version}; valid: 1, 2')
+  aug = simclr_augment_config(blur_prob=0.0 if version == 1 else 0.5)
+  aug.crop_area = (0.2, 1.0)
+  aug.brightness = aug.contrast = aug.saturation = 0.4
+  aug.hue = 0.4 if version == 1 else 0.1
+  aug.color_jitter_prob = 1.0 if version == 1 else 0.8
+  aug.mean = IMAGENET_MEAN
+  aug.std = IMAGENET_STD
   return aug
 
 
