@@ -13,7 +13,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           'configs')
 PRETRAINING = sorted(
     name[:-3] for name in os.listdir(CONFIG_DIR)
-    if name.endswith('.py') and not name.startswith(('linear_eval', 'finetune', '__')))
+    if name.endswith('.py')
+    and not name.startswith(('linear_eval', 'finetune', 'negatives_study', '__')))
 
 
 def _keys(tree, prefix=''):
@@ -49,3 +50,22 @@ def test_moco_recipes():
   assert cifar.moco.symmetric and (cifar.moco.queue_size, cifar.moco.momentum) == (4096, 0.99)
   with pytest.raises(ValueError, match='valid arguments: symmetric'):
     moco_v2_cifar10.get_config('symetric')
+
+
+def test_negatives_study_plans_one_run_per_mechanism_and_count():
+  from configs import negatives_study  # pylint: disable=import-outside-toplevel
+  from contrastive.studies import negatives  # pylint: disable=import-outside-toplevel
+  config = negatives_study.get_config()
+  runs = negatives.planned_runs(config)
+  assert [(r['method'], r['negatives'], r['batch_size']) for r in runs] == [
+      ('simclr', 62, 32), ('simclr', 254, 128), ('simclr', 1022, 512),
+      ('membank', 256, 128), ('membank', 1024, 128), ('membank', 4096, 128),
+      ('moco', 256, 128), ('moco', 1024, 128), ('moco', 4096, 128)]
+  for run in runs:        # everything else is shared
+    assert _keys(run['config']) == _keys(config_lib.base_config())
+    assert run['config'].model.to_dict() == config.base.model.to_dict()
+    assert run['config'].num_epochs == config.base.num_epochs
+    assert run['config'].method == run['method']
+  assert runs[7]['config'].moco.queue_size == 1024
+  assert runs[3]['config'].membank.num_negatives == 256
+  assert {r['config'].simclr.temperature for r in runs} == {config.temperature}

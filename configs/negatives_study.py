@@ -1,0 +1,41 @@
+"""The negatives study on CIFAR-10 images in a folder, sized for a CPU.
+
+    python -m contrastive.studies.negatives --config=configs/negatives_study.py \
+        --workdir=/tmp/negatives --config.base.data.path=/data/cifar10/train
+
+SimCLR at batch 32/128/512 (62/254/1022 negatives), the memory bank and MoCo at
+batch 128 with 256/1024/4096 negatives, all with a ResNet-18 of width 0.125
+(64-d features), the MoCo v2 CIFAR augmentation and MLP head, temperature 0.1,
+SGD with cosine decay, 5 epochs, kNN (k=200) on 100 held-out images per class.
+On a GPU, widen the budget: ``--config.base.model.width=1.0
+--config.base.num_epochs=200``.
+"""
+
+import ml_collections
+
+from configs import moco_v2_cifar10
+
+
+def get_config(arg=None):
+  del arg
+  base = moco_v2_cifar10.get_config()
+  base.num_epochs = 5.0
+  base.log_every_steps = 20
+  base.checkpoint_every_steps = 500
+  base.model.width = 0.125
+  base.model.bn = 'global'
+  base.moco.key_bn = 'shuffle'
+  base.data.source = 'folder'
+  base.data.path = ''
+  base.data.holdout_per_class = 100
+  base.eval.compare_random_init = False
+  base.eval.probe_epochs = 30
+
+  config = ml_collections.ConfigDict()
+  config.base = base
+  config.temperature = 0.1
+  config.batch_size = 128                  # memory bank and MoCo
+  config.simclr_batch_sizes = (32, 128, 512)
+  config.membank_negatives = (256, 1024, 4096)
+  config.moco_queue_sizes = (256, 1024, 4096)
+  return config

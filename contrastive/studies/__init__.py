@@ -1,0 +1,1 @@
+"""Experiments that compare runs of the trainer, each one command."""

@@ -1,0 +1,149 @@
+r"""Accuracy against the number of negatives for SimCLR, the memory bank and MoCo.
+
+    python -m contrastive.studies.negatives --config=configs/negatives_study.py \
+        --workdir=/tmp/negatives --config.base.data.path=/data/cifar10/train
+
+The three ways of getting negatives, in the spirit of the MoCo paper's Figure 3,
+trained end to end on the same data, encoder, augmentation, head, temperature,
+optimizer and number of epochs; only the mechanism and its number of negatives
+change:
+
+- SimCLR (end-to-end): the other views of the batch, 2B - 2 negatives, so the
+  batch size B is what varies;
+- memory bank: ``membank.num_negatives`` rows drawn from the bank, batch fixed;
+- MoCo: the queue of ``moco.queue_size`` keys, batch fixed.
+
+Each run lives in ``<workdir>/<method>_<negatives>``; a finished run (its
+``eval.json`` exists) is not run again, so the same command continues an
+interrupted study. The study ends with ``results.json``, ``results.md`` (a table)
+and ``negatives.png`` (kNN top-1 against the number of negatives, log scale).
+"""
+
+import json
+import os
+import sys
+import time
+
+import ml_collections
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from contrastive import train
+
+STUDY_METHODS = ('simclr', 'membank', 'moco')
+
+
+def planned_runs(config: ml_collections.ConfigDict) -> list[dict]:
+  """One entry per run: method, number of negatives, batch size, its config."""
+  sweeps = {'simclr': config.simclr_batch_sizes, 'membank': config.membank_negatives,
+            'moco': config.moco_queue_sizes}
+  runs = []
+  for method in STUDY_METHODS:
+    for value in sweeps[method]:
+      run = ml_collections.ConfigDict(config.base.to_dict())
+      run.method = method
+      run.simclr.temperature = run.moco.temperature = config.temperature
+      run.membank.temperature = config.temperature
+      if method == 'simclr':
+        run.global_batch_size, negatives = value, 2 * value - 2
+      else:
+        run.global_batch_size, negatives = config.batch_size, value
+        if method == 'moco':
+          run.moco.queue_size = value
+        else:
+          run.membank.num_negatives = value
+      runs.append({'method': method, 'negatives': negatives,
+                   'batch_size': run.global_batch_size, 'config': run})
+  return runs
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains every planned run (skipping finished ones) and writes the summary."""
+  rows = []
+  for run in planned_runs(config):
+    run_dir = os.path.join(workdir, f'{run["method"]}_{run["negatives"]}')
+    row_path = os.path.join(run_dir, 'study_row.json')
+    if os.path.exists(row_path):
+      with open(row_path) as f:
+        rows.append(json.load(f))
+      print(f'{run["method"]} with {run["negatives"]} negatives: done before, kept.')
+      continue
+    print(f'--- {run["method"]}, {run["negatives"]} negatives, batch {run["batch_size"]}')
+    start = time.time()
+    results = train.train_and_evaluate(run['config'], run_dir)['trained']
+    row = {'method': run['method'], 'negatives': run['negatives'],
+           'batch_size': run['batch_size'], 'minutes': (time.time() - start) / 60,
+           **results}
+    with open(row_path, 'w') as f:
+      json.dump(row, f, indent=2)
+    rows.append(row)
+  write_summary(rows, config, workdir)
+  return rows
+
+
+def write_summary(rows: list[dict], config, workdir: str) -> None:
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(rows, f, indent=2)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(format_table(rows, config) + '\n')
+  plot(rows, os.path.join(workdir, 'negatives.png'), config)
+  print(format_table(rows, config))
+
+
+def _budget(config) -> str:
+  base = config.base
+  return (f'{base.model.name} width {base.model.width}, {base.num_epochs:g} epochs, '
+          f'{base.data.image_size}x{base.data.image_size} images, T={config.temperature}')
+
+
+def format_table(rows: list[dict], config) -> str:
+  lines = [f'Negatives study ({_budget(config)}; kNN k={config.base.eval.knn_k})', '',
+           '| method | negatives | batch | kNN top-1 | linear probe top-1 | minutes |',
+           '|---|---:|---:|---:|---:|---:|']
+  for row in rows:
+    lines.append(f'| {row["method"]} | {row["negatives"]} | {row["batch_size"]} | '
+                 f'{100 * row["knn_accuracy"]:.2f} | '
+                 f'{100 * row["linear_probe_accuracy"]:.2f} | {row["minutes"]:.1f} |')
+  return '\n'.join(lines)
+
+
+def plot(rows: list[dict], path: str, config) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+  labels = {'simclr': 'end-to-end (SimCLR)', 'membank': 'memory bank', 'moco': 'MoCo'}
+  figure, axes = pyplot.subplots(figsize=(6, 4.2))
+  for method in STUDY_METHODS:
+    points = sorted((r['negatives'], 100 * r['knn_accuracy']) for r in rows
+                    if r['method'] == method)
+    if points:
+      axes.plot(*zip(*points), marker='o', label=labels[method])
+  axes.set_xscale('log', base=2)
+  axes.set_xlabel('number of negatives')
+  axes.set_ylabel(f'kNN top-1 (%), k={config.base.eval.knn_k}')
+  axes.set_title(_budget(config), fontsize=9)
+  axes.grid(True, alpha=0.3)
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  pyplot.close(figure)
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Study config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the study.')
+
+
+def main(argv):
+  del argv
+  try:
+    run_study(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
