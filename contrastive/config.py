@@ -84,4 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.knn_temperature = 0.1
   config.eval.probe_epochs = 100
   config.eval.probe_learning_rate = 1e-2
+  config.eval.knn_every_epochs = 0.0       # kNN monitor during training; 0: off
+  config.eval.online_probe = True          # linear probe on the step's features (labelled data)
+  config.eval.online_probe_learning_rate = 1e-3
   return config

@@ -56,6 +56,11 @@ def host_to_global(local_batch, mesh):
       local_batch)
 
 
+def host_copy(tree):
+  """A replicated global array tree as numpy, on any process (each holds a copy)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def per_replica(fn, mesh, in_specs, out_specs, donate_argnums=()):
   """``fn`` written for one replica, run on every device of ``mesh``."""
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs),

@@ -26,6 +26,7 @@ from contrastive.data import sources
 from contrastive.evaluate import features as features_lib
 from contrastive.evaluate import knn
 from contrastive.evaluate import linear_probe
+from contrastive.evaluate import online_probe
 from contrastive.methods import RunInfo, TrainState, get_method
 
 AXIS = parallel.AXIS
@@ -57,6 +58,9 @@ class InMemoryTrainData:
                                   shard_count=num_devices) for d in self._positions]
     self._blocks = blocks
     self._images = [block.images for block in blocks]
+    self._labels = [np.full(len(block.images), -1, np.int32) if block.labels is None
+                    else block.labels for block in blocks]
+    self.num_classes = blocks[0].num_classes
     skipped = sum(block.skipped for block in blocks)
     local_size = sum(len(images) for images in self._images)
     self.num_examples = int(np.sum(multihost_utils.process_allgather(
@@ -96,12 +100,14 @@ class InMemoryTrainData:
         num_classes=self._blocks[0].num_classes, skipped=self.skipped)
 
   def batch(self, step: int) -> dict:
-    """``image`` uint8 [b, H, W, 3] and ``index`` (position in the split) of a step."""
+    """``image`` uint8 [b, H, W, 3], ``label`` (-1: none) and ``index`` (position
+    in the split) of a step."""
     epoch, position = divmod(step, self.steps_per_epoch)
     window = slice(position * self._batch, (position + 1) * self._batch)
     rows = [order[window] for order in self._order(epoch)]
     return {
         'image': np.concatenate([images[r] for images, r in zip(self._images, rows)]),
+        'label': np.concatenate([labels[r] for labels, r in zip(self._labels, rows)]),
         'index': np.concatenate([start + r for start, r in zip(self._starts, rows)]
                                 ).astype(np.int32),
     }
@@ -131,8 +137,13 @@ def device_views(step_key, batch, aug, image_size: int):
 
 # ----------------------------------------------------------------------------- step
 
-def make_train_step(method, model, config, run: RunInfo, tx, schedule, image_size: int):
-  """The per-replica train step, to be mapped over the mesh."""
+def make_train_step(method, model, config, run: RunInfo, tx, schedule, image_size: int,
+                    probe: online_probe.OnlineProbe | None = None):
+  """The per-replica train step, to be mapped over the mesh.
+
+  With a ``probe``, the online linear probe takes one step on the features of
+  the method's own forward pass, after (and apart from) the encoder's gradients.
+  """
 
   def train_step(state: TrainState, batch):
     step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -147,19 +158,24 @@ def make_train_step(method, model, config, run: RunInfo, tx, schedule, image_siz
 
     # The loss is already the global-batch loss on every replica (pmean inside),
     # so under shard_map its gradient is the global gradient: no pmean here.
-    (loss, (batch_stats, for_update, method_metrics)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    batch_stats = aux['batch_stats']
     if config.model.bn == 'local':
       batch_stats = jax.lax.pmean(batch_stats, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    method_state = method.update_method_state(state.method_state, params, for_update,
+    method_state = method.update_method_state(state.method_state, params, aux['for_update'],
                                               state.step, config, run, AXIS)
+    scalars = {'loss': loss, 'learning_rate': schedule(state.step),
+               'grad_norm': optax.tree.norm(grads), **aux['metrics']}
+    probe_state = state.probe
+    if probe is not None:
+      probe_state, probe_scalars = online_probe.update(probe, state.probe, aux['features'],
+                                                       batch['label'], AXIS)
+      scalars.update(probe_scalars)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state,
-                              method_state=method_state)
-    scalars = {'loss': loss, 'learning_rate': schedule(state.step),
-               'grad_norm': optax.tree.norm(grads), **method_metrics}
+                              method_state=method_state, probe=probe_state)
     return new_state, scalars
 
   return train_step
@@ -175,10 +191,11 @@ def make_encode_step(method, model, config):
 def state_specs(method, config) -> TrainState:
   """How the state lies on the mesh: replicated, except the method's sharded rows."""
   return TrainState(step=P(), params=P(), batch_stats=P(), opt_state=P(),
-                    method_state=method.state_specs(config))
+                    method_state=method.state_specs(config), probe=P())
 
 
-def init_state(method, model, tx, config, image_shape, run: RunInfo, mesh) -> TrainState:
+def init_state(method, model, tx, config, image_shape, run: RunInfo, mesh,
+               probe: online_probe.OnlineProbe | None = None) -> TrainState:
   """Random initial state on ``mesh``, a pure function of ``config.seed``."""
   # Initialise outside the per-replica step: BatchNorm must not look for the axis.
   local_model = models.with_bn_axis(model, None)
@@ -189,10 +206,13 @@ def init_state(method, model, tx, config, image_shape, run: RunInfo, mesh) -> Tr
   def initialize(params_key, method_key):
     variables = local_model.init(params_key, jnp.zeros((2, *image_shape)), train=False)
     params = variables['params']
+    probe_state = ({} if probe is None else online_probe.init(
+        probe, jax.random.fold_in(method_key, 1), model.encoder.num_features))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables['batch_stats'], opt_state=tx.init(params),
                       method_state=method.init_method_state(config, variables, run,
-                                                            method_key))
+                                                            method_key),
+                      probe=probe_state)
 
   # RBG keys compile the hundreds of parameter initialisers several times faster
   # than threefry. The method's state (queues, banks) is created sharded, and
@@ -223,13 +243,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.data.in_memory:
     train_data = InMemoryTrainData(config.data, mesh, per_device_batch, config.seed)
     steps_per_epoch = train_data.steps_per_epoch
-    num_examples = train_data.num_examples
+    num_examples, num_classes = train_data.num_examples, train_data.num_classes
     say(f'Training split: {train_data.num_examples} images in host memory'
         + (f' ({train_data.skipped} unreadable file(s) skipped).' if train_data.skipped
            else '.'))
   else:
     from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
-    num_examples = sources.split_info(config.data, 'train').num_examples
+    info = sources.split_info(config.data, 'train')
+    num_examples, num_classes = info.num_examples, info.num_classes
     steps_per_epoch = num_examples // config.global_batch_size
   total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
   run = RunInfo(num_examples=num_examples, num_devices=mesh.devices.size,
@@ -243,8 +264,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       [int(round(epoch * steps_per_epoch)) for epoch in config.optim.decay_epochs],
       config.optim.decay_factor)
   tx = optim.make_optimizer(config.optim, schedule)
+  probe = (online_probe.create(num_classes, config.eval.online_probe_learning_rate)
+           if config.eval.online_probe and num_classes else None)
   image_shape = (image_size, image_size, 3)
-  state = init_state(method, model, tx, config, image_shape, run, mesh)
+  state = init_state(method, model, tx, config, image_shape, run, mesh, probe)
 
   # --- restore
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
@@ -256,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- step
   train_step = parallel.per_replica(
-      make_train_step(method, model, config, run, tx, schedule, image_size), mesh,
+      make_train_step(method, model, config, run, tx, schedule, image_size, probe), mesh,
       in_specs=(state_specs(method, config), P(AXIS)),
       out_specs=(state_specs(method, config), P()), donate_argnums=(0,))
   if config.data.in_memory:
@@ -268,6 +291,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.data, config.aug, local_batch, seed=config.seed + start_step,
         shard_index=jax.process_index(), shard_count=jax.process_count())
     next_batch = lambda step: next(stream)
+
+  # --- evaluation inputs: labelled splits for the kNN monitor and the final figures
+  knn_every = (max(1, int(round(config.eval.knn_every_epochs * steps_per_epoch)))
+               if config.eval.knn_every_epochs > 0 else 0)
+  if config.eval.enabled or knn_every:
+    encode_step = parallel.per_replica(make_encode_step(method, model, config), mesh,
+                                       in_specs=(state_specs(method, config), P(AXIS)),
+                                       out_specs=P(AXIS))
+    splits = eval_splits(config, mesh,
+                         train_data.process_block() if config.data.in_memory else None)
 
   # --- loop
   writer = metrics_lib.MetricWriter(workdir)
@@ -295,6 +328,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f'loss {scalars["loss"]:.4f}  lr {scalars["learning_rate"]:.4g}  '
             f'{scalars["images_per_second"]:.0f} img/s  '
             f'ETA {metrics_lib.format_duration(scalars["eta_seconds"])}')
+      if knn_every and (done % knn_every == 0 or done == total_steps):
+        figures = monitor(state, encode_step, probe, config, splits)
+        writer.write(done, figures)
+        say(f'step {done}  ' + '  '.join(f'{name} {100 * value:.2f}%'
+                                         for name, value in figures.items()))
       if done % config.checkpoint_every_steps == 0 or done == total_steps:
         checkpoint.save(manager, state)
   finally:
@@ -304,15 +342,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- evaluation
   results = {}
   if config.eval.enabled:
-    encode_step = parallel.per_replica(make_encode_step(method, model, config), mesh,
-                                       in_specs=(state_specs(method, config), P(AXIS)),
-                                       out_specs=P(AXIS))
     encoders = {'trained': state}
     if config.eval.compare_random_init:
       encoders['random_init'] = init_state(method, model, tx, config, image_shape, run,
-                                           mesh)
-    train_split = train_data.process_block() if config.data.in_memory else None
-    results = evaluate(encoders, encode_step, config, mesh, image_shape, train_split)
+                                           mesh, probe)
+    results = evaluate(encoders, encode_step, config, splits, probe)
     writer.write(total_steps, {f'{name}/{metric}': value
                                for name, figures in results.items()
                                for metric, value in figures.items()})
@@ -356,37 +390,67 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 # ----------------------------------------------------------------------------- eval
 
-def evaluate(encoders: dict, encode_step, config, mesh, image_shape,
-             train_split=None) -> dict:
-  """kNN and linear-probe accuracy on the eval split for each encoder state.
+def eval_splits(config, mesh, train_split=None) -> dict:
+  """The labelled 'train' and 'eval' splits that features are computed on.
 
-  ``train_split``: the training images already in memory, if any, so they are
-  not decoded a second time.
+  In memory: this process's block of each split (``train_split``: the training
+  images already held, so they are not decoded a second time). Streamed: the
+  splits' sizes; batches are read at each evaluation.
   """
-  local_batch = parallel.check_global_batch(config.eval.batch_size, mesh,
-                                           'config.eval.batch_size')
   splits = {'train': (_eval_split(config.data, 'train') if train_split is None
                       else train_split),
             'eval': _eval_split(config.data, 'eval')}
-  num_classes = splits['train'].num_classes
-  if num_classes is None:
+  if splits['train'].num_classes is None:
     raise ValueError('Evaluation needs labels, and the training split has none: set '
-                     'config.eval.enabled=False for an unlabelled dataset.')
+                     'config.eval.enabled=False and config.eval.knn_every_epochs=0 '
+                     'for an unlabelled dataset.')
+  splits['local_batch'] = parallel.check_global_batch(config.eval.batch_size, mesh,
+                                                     'config.eval.batch_size')
+  splits['mesh'], splits['image_shape'] = mesh, (config.data.image_size,) * 2 + (3,)
+  return splits
+
+
+def split_features(state, encode_step, config, splits) -> dict:
+  """(features, labels) of the whole 'train' and 'eval' splits, on every process."""
+  local_batch = splits['local_batch']
+  return {split: features_lib.extract_features(
+      encode_step, state, _eval_batches(config.data, splits[split], local_batch),
+      splits['mesh'], local_batch, splits['image_shape']) for split in ('train', 'eval')}
+
+
+def monitor(state, encode_step, probe, config, splits) -> dict:
+  """Figures during training: kNN top-1 and the online probe's top-1 on 'eval'."""
+  features = split_features(state, encode_step, config, splits)
+  (train_x, train_y), (eval_x, eval_y) = features['train'], features['eval']
+  figures = {'monitor/knn_accuracy': knn.knn_accuracy(
+      train_x, train_y, eval_x, eval_y, splits['train'].num_classes,
+      k=config.eval.knn_k, temperature=config.eval.knn_temperature)}
+  if probe is not None:
+    figures['monitor/online_probe_accuracy'] = online_probe.accuracy(
+        probe, parallel.host_copy(state.probe['params']), eval_x, eval_y)
+  return figures
+
+
+def evaluate(encoders: dict, encode_step, config, splits, probe=None) -> dict:
+  """kNN and offline linear-probe top-1 on the eval split for each encoder state,
+  and the online probe's top-1 for the 'trained' one (the only one it trained on)."""
+  num_classes = splits['train'].num_classes
   results = {}
   for name, state in encoders.items():
-    features = {split: features_lib.extract_features(
-        encode_step, state, _eval_batches(config.data, arrays, local_batch), mesh,
-        local_batch, image_shape) for split, arrays in splits.items()}
+    features = split_features(state, encode_step, config, splits)
     (train_x, train_y), (eval_x, eval_y) = features['train'], features['eval']
-    probe = linear_probe.train_linear_probe(
+    offline = linear_probe.train_linear_probe(
         train_x, train_y, num_classes, epochs=config.eval.probe_epochs,
         learning_rate=config.eval.probe_learning_rate, seed=config.seed)
     results[name] = {
         'knn_accuracy': knn.knn_accuracy(
             train_x, train_y, eval_x, eval_y, num_classes, k=config.eval.knn_k,
             temperature=config.eval.knn_temperature),
-        'linear_probe_accuracy': linear_probe.probe_accuracy(probe, eval_x, eval_y),
+        'linear_probe_accuracy': linear_probe.probe_accuracy(offline, eval_x, eval_y),
     }
+    if probe is not None and name == 'trained':
+      results[name]['online_probe_accuracy'] = online_probe.accuracy(
+          probe, parallel.host_copy(state.probe['params']), eval_x, eval_y)
   return results
 
 
@@ -410,8 +474,10 @@ def format_results(results: dict, config) -> str:
   lines = [f'Evaluation on the held-out split ({config.eval.knn_k}-NN, temperature '
            f'{config.eval.knn_temperature}; linear probe {config.eval.probe_epochs} '
            'epochs):',
-           f'  {"encoder":<16}{"kNN top-1":>12}{"linear top-1":>15}']
+           f'  {"encoder":<16}{"kNN top-1":>12}{"linear top-1":>15}{"online probe":>15}']
   for name, figures in results.items():
+    online = figures.get('online_probe_accuracy')
     lines.append(f'  {name:<16}{100 * figures["knn_accuracy"]:>11.2f}%'
-                 f'{100 * figures["linear_probe_accuracy"]:>14.2f}%')
+                 f'{100 * figures["linear_probe_accuracy"]:>14.2f}%'
+                 + ('' if online is None else f'{100 * online:>14.2f}%'))
   return '\n'.join(lines)

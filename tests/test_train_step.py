@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from contrastive import optim
 from contrastive import parallel
 from contrastive import train
+from contrastive.evaluate import online_probe
 from contrastive.methods import RunInfo, get_method
 from contrastive.methods import moco
 
@@ -26,7 +27,7 @@ def _mesh(num_devices):
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _setup(config, num_devices):
+def _setup(config, num_devices, probe=None):
   """Method, model, optimizer, the initial state on an n-device mesh, a batch."""
   method = get_method(config.method)
   model = method.build_model(config)
@@ -36,18 +37,19 @@ def _setup(config, num_devices):
   mesh = _mesh(num_devices)
   run = RunInfo(num_examples=NUM_EXAMPLES, num_devices=num_devices,
                 global_batch_size=config.global_batch_size, total_steps=10)
-  state = train.init_state(method, model, tx, config, shape, run, mesh)
+  state = train.init_state(method, model, tx, config, shape, run, mesh, probe)
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (config.global_batch_size, *shape), dtype=np.uint8),
-           'index': rng.permutation(NUM_EXAMPLES)[:config.global_batch_size].astype(np.int32)}
+           'index': rng.permutation(NUM_EXAMPLES)[:config.global_batch_size].astype(np.int32),
+           'label': rng.integers(-1, 3, config.global_batch_size).astype(np.int32)}
   return method, model, tx, schedule, run, mesh, state, batch
 
 
-def _run_steps(config, method, model, tx, schedule, run, mesh, state, batch):
+def _run_steps(config, method, model, tx, schedule, run, mesh, state, batch, probe=None):
   specs = train.state_specs(method, config)
   step = parallel.per_replica(
       train.make_train_step(method, model, config, run, tx, schedule,
-                            config.data.image_size),
+                            config.data.image_size, probe),
       mesh, in_specs=(specs, P('data')), out_specs=(specs, P()))
   batch = jax.device_put(batch, NamedSharding(mesh, P('data')))
   state, metrics = step(state, batch)
@@ -118,8 +120,8 @@ def _gradients(config, method, model, run, mesh, state, batch):
     grad_fn = jax.value_and_grad(
         lambda p: method.loss(model, p, state.batch_stats, state.method_state, inputs,
                               jax.random.key(3), config, run, 'data'), has_aux=True)
-    (loss, (batch_stats, _, _)), grads = grad_fn(state.params)
-    return loss, grads, batch_stats
+    (loss, aux), grads = grad_fn(state.params)
+    return loss, grads, aux['batch_stats']
 
   fn = parallel.per_replica(replica, mesh, in_specs=(specs, P('data')),
                             out_specs=(P(), P(), P()))
@@ -163,3 +165,16 @@ def test_moco_queue_layout_is_a_fifo_of_the_global_batch(config):
   shards = stored.reshape(4, 6, 2)
   # Device 1's shard holds FIFO rows 2-3 (step 0), 10-11 (step 1), 18-19 (step 2).
   np.testing.assert_array_equal(shards[1][:, 0] // 2, [2, 3, 10, 11, 18, 19])
+
+
+def test_online_probe_leaves_the_encoder_update_unchanged(config):
+  """The probe trains on stop-gradient features: with or without it, the encoder,
+  head, BN statistics and optimizer state after two steps are bit-identical."""
+  probe = online_probe.create(num_classes=3, learning_rate=0.1)
+  plain, _ = _run_steps(config, *_setup(config, 8))
+  probed, metrics = _run_steps(config, *_setup(config, 8, probe), probe=probe)
+  for field in ('params', 'batch_stats', 'opt_state'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(probed, field), getattr(plain, field))
+  assert 0 <= metrics['online_probe_train_accuracy'] <= 1
+  initial = _setup(config, 1, probe)[6].probe['params']
+  assert not np.allclose(probed.probe['params']['kernel'], initial['kernel'])

@@ -169,11 +169,19 @@ def test_image_folder_run_trains_and_evaluates(config, tmp_path, capsys, in_memo
   config.eval.compare_random_init = False
   config.eval.batch_size = 16
   config.eval.knn_k = 5
+  config.eval.knn_every_epochs = 0.67       # every 2 of the 3 steps, and at the end
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   # 3 classes x 20 training images (the corrupt file skipped), batch 16: 3 steps.
   assert sorted(_losses(tmp_path / 'run')) == [1, 2, 3]
   # Colour decides the class: any encoder separates it.
   assert results['trained']['knn_accuracy'] > 0.9
+  records = metrics.read_metrics(tmp_path / 'run')
+  monitored = sorted(step for step, r in records.items() if 'monitor/knn_accuracy' in r)
+  assert monitored == [2, 3]
+  assert 0 <= records[3]['monitor/online_probe_accuracy'] <= 1
+  assert all(0 <= records[s]['online_probe_train_accuracy'] <= 1 for s in (1, 2, 3))
+  assert results['trained']['online_probe_accuracy'] == pytest.approx(
+      records[3]['monitor/online_probe_accuracy'])
   output = capsys.readouterr().out
   assert 'kNN top-1' in output
   if in_memory:

@@ -15,9 +15,10 @@ A method is a module with plain functions:
   the per-replica loss on ``inputs`` (``view1``, ``view2``: this replica's two
   augmented views; ``index``: each image's position in the training split), the
   same global-batch value on every replica; ``key`` is the step's randomness, the
-  same on every replica. Returns
-  ``(loss, (new_batch_stats, for_update, metrics))``: ``for_update`` carries what
-  the state update needs from the forward pass (new keys, embeddings);
+  same on every replica. Returns ``(loss, aux)``, ``aux`` a dict of
+  ``batch_stats`` (new BN statistics), ``for_update`` (what the state update needs
+  from the forward pass: new keys, embeddings), ``metrics`` (extra scalars) and
+  ``features`` (encoder features of ``view1``, for the online probe);
 - ``update_method_state(method_state, params, for_update, step, config, run,
   axis_name)``: after the optimizer step (EMA target, enqueue, bank write);
 - ``encode(model, params, batch_stats, images)``: encoder features for evaluation.
@@ -45,6 +46,7 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   method_state: Any
+  probe: Any            # online linear probe: params and optimizer state ({} when off)
 
 
 class RunInfo(NamedTuple):

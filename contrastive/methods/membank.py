@@ -78,7 +78,7 @@ def read_rows(bank_shard, global_rows, axis_name):
 def loss(model, params, batch_stats, method_state, inputs, key, config, run, axis_name):
   bank, shard = config.membank, method_state['bank']
   index = inputs['index']
-  (_, queries), updates = model.apply(
+  (features, queries), updates = model.apply(
       {'params': params, 'batch_stats': batch_stats}, inputs['view1'], train=True,
       mutable=['batch_stats'])
   batch_index = _gather(index, axis_name)                    # [N]
@@ -100,7 +100,8 @@ def loss(model, params, batch_stats, method_state, inputs, key, config, run, axi
                           bank.temperature, axis_name=axis_name, negative_mask=mask)
   for_update = {'embeddings': losses.l2_normalize(jax.lax.stop_gradient(queries)),
                 'index': index}
-  return value, (updates['batch_stats'], for_update, {})
+  return value, {'batch_stats': updates['batch_stats'], 'for_update': for_update,
+                 'metrics': {}, 'features': features}
 
 
 def update_method_state(method_state, params, for_update, step, config, run, axis_name):

@@ -88,7 +88,7 @@ def loss(model, params, batch_stats, method_state, inputs, key, config, run, axi
     key_views = jnp.concatenate([view2, view1])
   else:
     query_views, key_views = view1, view2
-  (_, queries), updates = model.apply(
+  (features, queries), updates = model.apply(
       {'params': params, 'batch_stats': batch_stats}, query_views, train=True,
       mutable=['batch_stats'])
   keys, target_batch_stats = compute_keys(model, method_state, key_views, key,
@@ -99,7 +99,8 @@ def loss(model, params, batch_stats, method_state, inputs, key, config, run, axi
   if moco.symmetric:        # the sum of both directions, as in MoCo's CIFAR recipe
     value = 2.0 * value
   for_update = {'keys': keys, 'target_batch_stats': target_batch_stats}
-  return value, (updates['batch_stats'], for_update, {})
+  return value, {'batch_stats': updates['batch_stats'], 'for_update': for_update,
+                 'metrics': {}, 'features': features[:view1.shape[0]]}
 
 
 def compute_keys(model, method_state, views, key, key_bn: str, axis_name):

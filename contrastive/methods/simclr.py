@@ -27,12 +27,13 @@ def loss(model, params, batch_stats, method_state, inputs, key, config, run, axi
   del method_state, key, run
   view1, view2 = inputs['view1'], inputs['view2']
   n = view1.shape[0]
-  (_, projections), updates = model.apply(
+  (features, projections), updates = model.apply(
       {'params': params, 'batch_stats': batch_stats},
       jnp.concatenate([view1, view2]), train=True, mutable=['batch_stats'])
   value = losses.nt_xent(projections[:n], projections[n:],
                          config.simclr.temperature, axis_name=axis_name)
-  return value, (updates['batch_stats'], {}, {})
+  return value, {'batch_stats': updates['batch_stats'], 'for_update': {}, 'metrics': {},
+                 'features': features[:n]}
 
 
 def update_method_state(method_state, params, for_update, step, config, run, axis_name):
