@@ -24,6 +24,7 @@ setuptools.setup(
         'tensorflow-cpu>=2.16',  # tf.data host pipeline (never on the accelerator)
         'tensorflow-datasets>=4.9',
         'importlib_resources',  # tensorflow-datasets needs it to prepare datasets
+        'matplotlib',           # contrastive.plots
         'safetensors',          # torchvision-named weight export
     ],
     extras_require={

@@ -1,0 +1,241 @@
+"""Downstream evaluation of a pretrained encoder: linear, fine-tune, resume, errors."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import linear_eval_moco
+from contrastive import downstream
+from contrastive import export
+from contrastive import metrics
+from contrastive import train
+from tests.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+_PRETRAINED = {}
+
+
+def pretrain_once(tmp_path_factory) -> str:
+  """The tiny pretraining workdir, made once per test session and shared with
+  test_plots: compiling its train step takes most of a minute on 2 CPU cores."""
+  if 'workdir' not in _PRETRAINED:
+    workdir = str(tmp_path_factory.mktemp('pretrained'))
+    train.train_and_evaluate(tiny_config(), workdir)
+    _PRETRAINED['workdir'] = workdir
+  return _PRETRAINED['workdir']
+
+
+@pytest.fixture(scope='module')
+def pretrained_workdir(tmp_path_factory):
+  return pretrain_once(tmp_path_factory)
+
+
+def _config(pretrained: str, **overrides):
+  """MoCo's linear protocol shrunk to a few steps on 10% of the digits' labels."""
+  config = linear_eval_moco.get_config()
+  config.pretrained = pretrained
+  config.label_fraction = 0.1              # 130 images
+  config.global_batch_size = 32
+  config.num_epochs = 2.0                  # 8 steps
+  config.eval_batch_size = 256             # 500 eval images: the last batch is padded
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.aug.flip_prob = 0.0
+  for name, value in overrides.items():
+    setattr(config, name, value)
+  return config
+
+
+@pytest.fixture(scope='module')
+def linear_run(pretrained_workdir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('linear'))
+  config = _config(pretrained_workdir)
+  return config, workdir, downstream.train_and_evaluate(config, workdir)
+
+
+def _losses(workdir):
+  return {step: record['loss'] for step, record in metrics.read_metrics(workdir).items()
+          if 'loss' in record}
+
+
+def _restore_final_state(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  item_handlers=ocp.PyTreeCheckpointHandler())
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.PyTreeRestore(
+      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                manager.item_metadata(step).tree)))
+  manager.close()
+  return state
+
+
+def _trees_equal(a, b):
+  return (jax.tree.structure(a) == jax.tree.structure(b) and
+          all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def test_linear_evaluation_end_to_end(linear_run, pretrained_workdir):
+  _, workdir, results = linear_run
+  for k in (1, 5):
+    assert 0.0 <= results[f'top{k}_accuracy'] <= 1.0
+  assert results['top5_accuracy'] >= results['top1_accuracy']
+  assert results['num_eval_images'] == 500
+  assert results['num_train_images'] == 130
+  assert results['backbone_unchanged'] is True
+  with open(os.path.join(workdir, 'downstream.json')) as f:
+    assert json.load(f) == results
+  final = metrics.read_metrics(workdir)[results['steps']]
+  assert final['eval/top1_accuracy'] == pytest.approx(results['top1_accuracy'])
+  # The checkpointed BN statistics are still the pretrained ones.
+  pretrained = export.load_pretrained(pretrained_workdir)
+  assert _trees_equal(_restore_final_state(workdir)['batch_stats'],
+                      pretrained.variables['batch_stats'])
+
+
+def test_backbone_check_sees_one_changed_value(pretrained_workdir):
+  variables = export.load_pretrained(pretrained_workdir).variables
+  downstream._check_backbone_unchanged(variables, jax.tree.map(np.copy, variables))
+  changed = jax.tree.map(np.copy, variables)
+  leaf = jax.tree.leaves(changed['batch_stats'])[0]
+  leaf.flat[0] = np.nextafter(leaf.flat[0], np.inf)
+  with pytest.raises(RuntimeError, match='backbone changed'):
+    downstream._check_backbone_unchanged(variables, changed)
+
+
+def test_killed_run_resumes_from_its_checkpoint(linear_run, tmp_path, monkeypatch, capsys):
+  config, straight_workdir, results = linear_run
+  expected = _losses(straight_workdir)
+  real_batch = downstream.LabelledTrainData.batch
+
+  def batch_then_die(self, step):
+    if step == 5:
+      raise KeyboardInterrupt('simulated kill')
+    return real_batch(self, step)
+
+  workdir = str(tmp_path / 'resumed')
+  monkeypatch.setattr(downstream.LabelledTrainData, 'batch', batch_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    downstream.train_and_evaluate(config, workdir)
+  assert set(_losses(workdir)) == {1, 2, 3, 4, 5}
+  monkeypatch.setattr(downstream.LabelledTrainData, 'batch', real_batch)
+  resumed_results = downstream.train_and_evaluate(config, workdir)   # the same call again
+  assert 'Resuming from the checkpoint of step 4' in capsys.readouterr().out
+  resumed = _losses(workdir)
+  assert sorted(resumed) == sorted(expected)
+  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
+                             [expected[s] for s in sorted(expected)], rtol=1e-6)
+  assert resumed_results['top1_accuracy'] == pytest.approx(results['top1_accuracy'])
+
+
+def test_finetune_trains_the_backbone(pretrained_workdir, tmp_path):
+  config = _config(pretrained_workdir, mode='finetune', num_epochs=1.0)
+  config.optim.base_lr = 0.5
+  config.optim.schedule = 'cosine'
+  results = downstream.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= results['top1_accuracy'] <= results['top5_accuracy'] <= 1.0
+  assert 'backbone_unchanged' not in results
+  state = _restore_final_state(str(tmp_path))
+  pretrained = export.load_pretrained(pretrained_workdir)
+  for collection, trained in (('params', state['params']['encoder']),
+                              ('batch_stats', state['batch_stats'])):
+    before = jax.tree.leaves(pretrained.variables[collection])
+    after = jax.tree.leaves(trained)
+    assert len(before) == len(after)
+    assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) > len(before) // 2
+
+
+def test_label_subset_is_class_balanced_and_deterministic():
+  labels = np.repeat(np.arange(3), [100, 50, 3])
+  subset = downstream.label_subset(labels, 0.1, seed=0)
+  assert np.all(np.diff(subset) > 0)
+  np.testing.assert_array_equal(np.bincount(labels[subset]), [5, 5, 3])   # 0.1 * 153 / 3
+  np.testing.assert_array_equal(subset, downstream.label_subset(labels, 0.1, seed=0))
+  assert not np.array_equal(subset, downstream.label_subset(labels, 0.1, seed=1))
+  # 1%: still at least one image of every class.
+  np.testing.assert_array_equal(
+      np.bincount(labels[downstream.label_subset(labels, 0.01)]), [1, 1, 1])
+  np.testing.assert_array_equal(downstream.label_subset(labels, 1.0), np.arange(153))
+  with pytest.raises(ValueError, match='label_fraction'):
+    downstream.label_subset(labels, 0.0)
+
+
+def test_missing_pretrained_names_the_field(tmp_path):
+  config = _config('')
+  with pytest.raises(ValueError, match='config.pretrained is empty'):
+    downstream.train_and_evaluate(config, str(tmp_path / 'a'))
+  config.pretrained = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='config.pretrained=.*nowhere'):
+    downstream.train_and_evaluate(config, str(tmp_path / 'b'))
+
+
+def test_command_line_error_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'contrastive.downstream',
+       '--config=' + os.path.join(REPO, 'configs', 'linear_eval_moco.py'),
+       '--workdir=' + str(tmp_path)],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), check=False)
+  assert result.returncode == 1
+  assert result.stderr.startswith('error: config.pretrained is empty')
+
+
+def test_top_k_accuracy():
+  logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
+  labels = np.array([1, 2, 0])
+  assert downstream.top_k_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+  assert downstream.top_k_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+  assert downstream.top_k_accuracy(logits, labels, 5) == 1.0    # k capped at 3 classes
+
+
+def test_restarted_run_keeps_its_pretrained_step(tmp_path):
+  """A resumed run reloads the backbone it started with, not a newer checkpoint."""
+
+  class Manager:
+    def __init__(self, latest):
+      self.latest = latest
+
+    def latest_step(self):
+      return self.latest
+
+  config = _config(str(tmp_path))
+  (tmp_path / 'config.json').write_text(json.dumps({'pretrained_step': 3}))
+  assert downstream._pretrained_step(config, Manager(latest=5), str(tmp_path)) == 3
+  assert downstream._pretrained_step(config, Manager(latest=None), str(tmp_path)) is None
+  config.pretrained_step = 7
+  assert downstream._pretrained_step(config, Manager(latest=5), str(tmp_path)) == 7
+
+
+@pytest.mark.parametrize('name', ['linear_eval_moco', 'linear_eval_simclr', 'finetune_semi'])
+def test_config_files_fit_the_schema(name):
+  module = importlib.import_module(f'configs.{name}')
+  assert f'--config=configs/{name}.py' in module.__doc__
+  schema = downstream.downstream_config().to_dict()
+  for arg in (None, *getattr(module, 'ARGS', ())):
+    config = module.get_config(arg)
+    assert config.to_dict().keys() == schema.keys()
+    assert config.optim.to_dict().keys() == schema['optim'].keys()
+    assert config.mode in downstream.MODES
+
+
+def test_protocol_recipes():
+  from configs import finetune_semi, linear_eval_simclr  # pylint: disable=import-outside-toplevel
+  moco = linear_eval_moco.get_config().optim
+  assert (moco.base_lr, moco.momentum, moco.nesterov, moco.weight_decay, moco.schedule,
+          moco.decay_epochs) == (30.0, 0.9, False, 0.0, 'steps', (60.0, 80.0))
+  simclr = linear_eval_simclr.get_config()
+  assert (simclr.optim.base_lr, simclr.optim.nesterov, simclr.optim.schedule,
+          simclr.num_epochs) == (0.1, True, 'cosine', 100.0)
+  assert linear_eval_simclr.get_config('imagenet').num_epochs == 90.0
+  for arg, fraction, epochs in (('1', 0.01, 60.0), ('10', 0.1, 30.0)):
+    semi = finetune_semi.get_config(arg)
+    assert (semi.mode, semi.label_fraction, semi.num_epochs) == ('finetune', fraction, epochs)
+  with pytest.raises(ValueError, match='label percentage'):
+    finetune_semi.get_config('5')
