@@ -67,6 +67,9 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
                             'workdir of a training run.')
   with open(config_path) as f:
     saved = json.load(f)
+  if 'method' not in saved:
+    raise ValueError(f'{config_path} is not the config of a pretraining run (it has no '
+                     '"method"): point at the workdir of contrastive.main.')
   # Onto the schema, so fields added since the run exist with their defaults.
   config = config_lib.base_config()
   config.update(saved)

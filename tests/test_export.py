@@ -132,6 +132,11 @@ def test_load_pretrained_errors_name_the_path(run_dir, tmp_path):
     export.load_pretrained(str(tmp_path))
   with pytest.raises(FileNotFoundError, match='no checkpoint of step 3; it has steps 8'):
     export.load_pretrained(run_dir, step=3)
+  downstream = tmp_path / 'downstream'
+  downstream.mkdir()
+  (downstream / 'config.json').write_text('{"mode": "linear", "pretrained": "/x"}')
+  with pytest.raises(ValueError, match='not the config of a pretraining run'):
+    export.load_pretrained(str(downstream))
 
 
 def test_one_device_process_reads_checkpoints_of_eight(run_dir, tmp_path):
