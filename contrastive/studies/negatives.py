@@ -27,6 +27,7 @@ import time
 import ml_collections
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from contrastive import train
@@ -137,6 +138,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the study.')
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)      # progress lines, not Orbax's INFO logs
   try:
     run_study(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as error:
