@@ -1,6 +1,7 @@
 """Loading a run's encoder and exporting it to Flax, torchvision and detectron2."""
 
 import functools
+import importlib.util
 import json
 import os
 import pickle
@@ -179,45 +180,77 @@ export.main()
 
 # ------------------------------------------------------------------------ torchvision
 
-def _assert_torchvision_matches(pretrained, net, size: int) -> None:
-  """``net`` loads the exported dict strictly and gives the Flax features."""
-  torch = pytest.importorskip('torch')
+# Torch runs in its own interpreter: importing it into a process that already
+# loaded TensorFlow and XLA can crash (both bundle their own native libraries).
+_TORCH_SCRIPT = """
+import sys
+import numpy as np
+import torch
+import torchvision
+from safetensors.numpy import load_file
+
+def build(kind):
+  if kind == 'resnet18':
+    return torchvision.models.resnet18()
+  if kind == 'resnet18_cifar':
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    return net
+  return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [2, 1, 1, 1])
+
+folder = sys.argv[1]
+for kind in sys.argv[2:]:
+  net = build(kind)
   net.fc = torch.nn.Identity()
-  state = export.torchvision_state_dict(pretrained)
+  state = load_file(f'{folder}/{kind}.safetensors')
   net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
   net.eval()
-  images = np.random.default_rng(2).normal(size=(4, size, size, 3)).astype(np.float32)
+  images = np.load(f'{folder}/{kind}_images.npy')
   with torch.no_grad():
     features = net(torch.from_numpy(np.transpose(images, (0, 3, 1, 2)))).numpy()
+  np.save(f'{folder}/{kind}_torch.npy', features)
+"""
+
+# kind -> (the Flax twin, image size)
+_TORCH_NETS = {
+    'resnet18': (lambda: _random_pretrained('resnet18'), 64),
+    # The CIFAR stem: torchvision's conv1 replaced by a 3x3/1 convolution, no max-pool.
+    'resnet18_cifar': (lambda: _random_pretrained('resnet18', stem='cifar'), 32),
+    # ResNet-50's block, in a shorter net: compiling all of ResNet-50 is slow.
+    'bottleneck': (lambda: _random_pretrained('resnet50', stage_sizes=(2, 1, 1, 1)), 32),
+}
+
+
+@pytest.fixture(scope='module')
+def torch_features(tmp_path_factory):
+  """Features of torchvision's own ResNets loaded with the exported state dicts."""
+  if importlib.util.find_spec('torchvision') is None:
+    pytest.skip('torchvision is not installed (pip install -e .[test])')
+  folder = tmp_path_factory.mktemp('torch')
+  images = {}
+  for kind, (pretrained, size) in _TORCH_NETS.items():
+    safetensors_numpy.save_file(export.torchvision_state_dict(pretrained()),
+                                str(folder / f'{kind}.safetensors'))
+    images[kind] = np.random.default_rng(2).normal(size=(4, size, size, 3)).astype(
+        np.float32)
+    np.save(folder / f'{kind}_images.npy', images[kind])
+  result = subprocess.run([sys.executable, '-c', _TORCH_SCRIPT, str(folder), *_TORCH_NETS],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {kind: (images[kind], np.load(folder / f'{kind}_torch.npy')) for kind in _TORCH_NETS}
+
+
+@pytest.mark.parametrize('kind', list(_TORCH_NETS))
+def test_torchvision_resnet_gives_the_same_features(torch_features, kind):
+  """torchvision's ResNet loads the exported dict strictly and gives the Flax features."""
+  pretrained = _TORCH_NETS[kind][0]()
+  images, features = torch_features[kind]
   expected = np.asarray(jax.jit(functools.partial(pretrained.encoder.apply, train=False))(
       pretrained.variables, images))
   error = np.abs(features - expected).max() / np.abs(expected).max()
-  print(f'max |torch - flax| / max |flax| = {error:.2e}')
+  print(f'{kind}: max |torch - flax| / max |flax| = {error:.2e}')
   assert error < TORCH_RELATIVE_TOLERANCE
-
-
-def test_torchvision_resnet18():
-  torchvision = pytest.importorskip('torchvision')
-  _assert_torchvision_matches(_random_pretrained('resnet18'),
-                              torchvision.models.resnet18(), size=64)
-
-
-def test_torchvision_resnet18_with_the_cifar_stem():
-  torch = pytest.importorskip('torch')
-  torchvision = pytest.importorskip('torchvision')
-  net = torchvision.models.resnet18()
-  net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-  net.maxpool = torch.nn.Identity()
-  _assert_torchvision_matches(_random_pretrained('resnet18', stem='cifar'), net, size=32)
-
-
-def test_torchvision_bottleneck_blocks():
-  """ResNet-50's block, in a shorter net: compiling all of ResNet-50 is slow."""
-  torchvision = pytest.importorskip('torchvision')
-  net = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck,
-                                         [2, 1, 1, 1])
-  _assert_torchvision_matches(_random_pretrained('resnet50', stage_sizes=(2, 1, 1, 1)),
-                              net, size=32)
 
 
 def test_exported_files(tmp_path):
