@@ -107,9 +107,7 @@ class DownstreamState(flax.struct.PyTreeNode):
   opt_state: optax.OptState
 
 
-def say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
+say = metrics_lib.say
 
 
 # ----------------------------------------------------------------------------- data
@@ -433,29 +431,17 @@ def _run(config, workdir: str, manager) -> dict:
 
   # --- loop
   writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(start_step, total_steps, config.global_batch_size)
+  log = metrics_lib.StepLogger(
+      writer, start_step, total_steps, config.global_batch_size, steps_per_epoch,
+      config.log_every_steps, manager.directory,
+      console=(('train top-1', 'train_accuracy', '.3f'), ('lr', 'learning_rate', '.4g')))
   say(f'Training steps {start_step} -> {total_steps} ({steps_per_epoch:.4g} per epoch), '
       f'peak learning rate {peak_lr:.4g}, {config.optim.schedule} schedule.')
   for step in range(start_step, total_steps):
     batch = parallel.host_to_global(next_batch(step), mesh)
     state, scalars = train_step(state, frozen, batch)
     done = step + 1
-    if step == start_step:
-      # Keep compilation out of images/s and ETA.
-      jax.block_until_ready(scalars)
-      seconds = progress.report(done)['interval_seconds']
-      say(f'First step (compilation included) took {seconds:.1f} s.')
-    if done % config.log_every_steps == 0 or done == total_steps:
-      scalars = {**jax.device_get(scalars), **progress.report(done),
-                 'epoch': done / steps_per_epoch}
-      if not np.isfinite(scalars['loss']):
-        raise FloatingPointError(f'Loss became {scalars["loss"]} at step {done}; the '
-                                 f'last good checkpoint is in {manager.directory}.')
-      writer.write(done, scalars)
-      say(f'step {done}/{total_steps}  epoch {scalars["epoch"]:.2f}  '
-          f'loss {scalars["loss"]:.4f}  train top-1 {scalars["train_accuracy"]:.3f}  '
-          f'lr {scalars["learning_rate"]:.4g}  {scalars["images_per_second"]:.0f} img/s  '
-          f'ETA {metrics_lib.format_duration(scalars["eta_seconds"])}')
+    log.after_step(done, scalars)
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       checkpoint.save(manager, state)
 

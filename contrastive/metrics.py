@@ -10,7 +10,14 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import logging
+
+
+def say(message: str) -> None:
+  """Console output for people, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 class MetricWriter:
@@ -80,6 +87,43 @@ class Progress:
                      'eta_seconds': seconds_per_step * (self._total - step),
                      'interval_seconds': elapsed}
     return self._figures
+
+
+class StepLogger:
+  """What a training loop does after each step.
+
+  The first step (compilation included) is timed on its own, so it stays out of
+  images/s and ETA. Every ``log_every`` steps, and at the last, the loss is checked
+  to be finite, the scalars are recorded with images/s, ETA and epoch, and one line
+  is printed: step, epoch, loss, the ``console`` fields ((label, key, format)
+  triples), images/s and ETA.
+  """
+
+  def __init__(self, writer: MetricWriter, start_step: int, total_steps: int,
+               global_batch: int, steps_per_epoch: float, log_every: int,
+               checkpoint_dir: str, console=(('lr', 'learning_rate', '.4g'),)):
+    self._writer, self._start, self._total = writer, start_step, total_steps
+    self._progress = Progress(start_step, total_steps, global_batch)
+    self._steps_per_epoch, self._log_every = steps_per_epoch, log_every
+    self._checkpoint_dir, self._console = checkpoint_dir, console
+
+  def after_step(self, done: int, scalars: dict) -> None:
+    if done == self._start + 1:
+      jax.block_until_ready(scalars)
+      seconds = self._progress.report(done)['interval_seconds']
+      say(f'First step (compilation included) took {seconds:.1f} s.')
+    if done % self._log_every and done != self._total:
+      return
+    scalars = {**jax.device_get(scalars), **self._progress.report(done),
+               'epoch': done / self._steps_per_epoch}
+    if not np.isfinite(scalars['loss']):
+      raise FloatingPointError(f'Loss became {scalars["loss"]} at step {done}; the '
+                               f'last good checkpoint is in {self._checkpoint_dir}.')
+    self._writer.write(done, scalars)
+    fields = ''.join(f'  {label} {scalars[key]:{fmt}}' for label, key, fmt in self._console)
+    say(f'step {done}/{self._total}  epoch {scalars["epoch"]:.2f}  '
+        f'loss {scalars["loss"]:.4f}{fields}  {scalars["images_per_second"]:.0f} img/s  '
+        f'ETA {format_duration(scalars["eta_seconds"])}')
 
 
 def format_duration(seconds: float) -> str:

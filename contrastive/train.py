@@ -30,12 +30,7 @@ from contrastive.evaluate import online_probe
 from contrastive.methods import RunInfo, TrainState, get_method
 
 AXIS = parallel.AXIS
-
-
-def say(message: str) -> None:
-  """Console output for people, from process 0 only."""
-  if jax.process_index() == 0:
-    print(message, flush=True)
+say = metrics_lib.say
 
 
 # ----------------------------------------------------------------------------- data
@@ -304,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- loop
   writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(start_step, total_steps, config.global_batch_size)
+  log = metrics_lib.StepLogger(writer, start_step, total_steps, config.global_batch_size,
+                               steps_per_epoch, config.log_every_steps, manager.directory)
   say(f'Training steps {start_step} -> {total_steps} ({steps_per_epoch} per epoch), '
       f'peak learning rate {peak_lr:.4g}.')
   try:
@@ -312,22 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = parallel.host_to_global(next_batch(step), mesh)
       state, scalars = train_step(state, batch)
       done = step + 1
-      if step == start_step:
-        # Keep compilation out of images/s and ETA.
-        jax.block_until_ready(scalars)
-        seconds = progress.report(done)['interval_seconds']
-        say(f'First step (compilation included) took {seconds:.1f} s.')
-      if done % config.log_every_steps == 0 or done == total_steps:
-        scalars = {**jax.device_get(scalars), **progress.report(done),
-                   'epoch': done / steps_per_epoch}
-        if not np.isfinite(scalars['loss']):
-          raise FloatingPointError(f'Loss became {scalars["loss"]} at step {done}; the '
-                                   f'last good checkpoint is in {manager.directory}.')
-        writer.write(done, scalars)
-        say(f'step {done}/{total_steps}  epoch {scalars["epoch"]:.2f}  '
-            f'loss {scalars["loss"]:.4f}  lr {scalars["learning_rate"]:.4g}  '
-            f'{scalars["images_per_second"]:.0f} img/s  '
-            f'ETA {metrics_lib.format_duration(scalars["eta_seconds"])}')
+      log.after_step(done, scalars)
       if knn_every and (done % knn_every == 0 or done == total_steps):
         figures = monitor(state, encode_step, probe, config, splits)
         writer.write(done, figures)

@@ -30,3 +30,13 @@ def tiny_config():
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+@pytest.fixture(scope='session')
+def pretrained_workdir(tmp_path_factory):
+  """One tiny real pretraining run (SimCLR, 8 devices), shared by the tests that
+  read a finished workdir: compiling its train step takes most of a minute."""
+  from contrastive import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('pretrained'))
+  train.train_and_evaluate(tiny_config(), workdir)
+  return workdir

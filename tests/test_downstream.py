@@ -15,28 +15,8 @@ from configs import linear_eval_moco
 from contrastive import downstream
 from contrastive import export
 from contrastive import metrics
-from contrastive import train
-from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-_PRETRAINED = {}
-
-
-def pretrain_once(tmp_path_factory) -> str:
-  """The tiny pretraining workdir, made once per test session and shared with
-  test_plots: compiling its train step takes most of a minute on 2 CPU cores."""
-  if 'workdir' not in _PRETRAINED:
-    workdir = str(tmp_path_factory.mktemp('pretrained'))
-    train.train_and_evaluate(tiny_config(), workdir)
-    _PRETRAINED['workdir'] = workdir
-  return _PRETRAINED['workdir']
-
-
-@pytest.fixture(scope='module')
-def pretrained_workdir(tmp_path_factory):
-  return pretrain_once(tmp_path_factory)
 
 
 def _config(pretrained: str, **overrides):

@@ -19,11 +19,9 @@ from safetensors import numpy as safetensors_numpy
 
 from contrastive import config as config_lib
 from contrastive import export
-from contrastive import train
 from contrastive.data import augment
 from contrastive.methods import TrainState, get_method
 from contrastive.models import resnet
-from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Torch and XLA sum convolutions in different orders: float32 rounding, relative
@@ -31,12 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_RELATIVE_TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """One real pretraining run (SimCLR, tiny ResNet-10, CIFAR stem) on 8 devices."""
-  workdir = str(tmp_path_factory.mktemp('run'))
-  train.train_and_evaluate(tiny_config(), workdir)
-  return workdir
+@pytest.fixture(name='run_dir')
+def fixture_run_dir(pretrained_workdir):
+  """The shared tiny pretraining run (SimCLR, ResNet-10, CIFAR stem, 8 devices)."""
+  return pretrained_workdir
 
 
 def _images(count: int, size: int, seed: int = 0) -> np.ndarray:
@@ -55,7 +51,7 @@ def _write_workdir(workdir: str, config, variables, step: int, method_state) -> 
       params={'encoder': variables['params'], 'head': {'kernel': jnp.ones((4, 4))}},
       batch_stats={'encoder': variables['batch_stats']},
       opt_state={'momentum': jnp.zeros((4, 4))},
-      method_state=jax.device_put(method_state, NamedSharding(mesh, P('data'))))
+      method_state=jax.device_put(method_state, NamedSharding(mesh, P("data"))), probe={})
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
   manager.save(step, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()

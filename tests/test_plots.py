@@ -1,17 +1,10 @@
 """Pictures of a run: both PNGs are written, and retrievals are the true top-k."""
 
 import numpy as np
-import pytest
 
 from contrastive import plots
-from tests import test_downstream
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-
-
-@pytest.fixture(scope='module')
-def pretrained_workdir(tmp_path_factory):
-  return test_downstream.pretrain_once(tmp_path_factory)
 
 
 def _assert_png(path, min_bytes=10_000):

@@ -5,7 +5,6 @@ feed masked padding until all are done, so every process takes part in every
 collective.
 """
 
-import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
