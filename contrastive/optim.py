@@ -55,6 +55,15 @@ def learning_rate_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
   raise ValueError(f'optim.schedule={decay!r}; valid: {", ".join(SCHEDULES)}')
 
 
+def schedule_from_config(optim: ml_collections.ConfigDict, peak_lr: float,
+                         steps_per_epoch: float, total_steps: int):
+  """The schedule an ``optim`` config describes, its epochs turned into steps."""
+  return learning_rate_schedule(
+      peak_lr, int(round(optim.warmup_epochs * steps_per_epoch)), total_steps,
+      optim.schedule, [int(round(epoch * steps_per_epoch)) for epoch in optim.decay_epochs],
+      optim.decay_factor)
+
+
 def decay_mask(params):
   """True for kernels; False for biases and BatchNorm parameters (all 1-D).
 

@@ -253,11 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- state
   peak_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
-  schedule = optim.learning_rate_schedule(
-      peak_lr, int(round(config.optim.warmup_epochs * steps_per_epoch)), total_steps,
-      config.optim.schedule,
-      [int(round(epoch * steps_per_epoch)) for epoch in config.optim.decay_epochs],
-      config.optim.decay_factor)
+  schedule = optim.schedule_from_config(config.optim, peak_lr, steps_per_epoch, total_steps)
   tx = optim.make_optimizer(config.optim, schedule)
   probe = (online_probe.create(num_classes, config.eval.online_probe_learning_rate)
            if config.eval.online_probe and num_classes else None)

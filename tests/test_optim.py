@@ -92,3 +92,12 @@ def test_resnet_feature_width_and_head(name, stem, width, size, features):
   head = variables['params']['head']
   assert [head[f'Dense_{i}']['kernel'].shape for i in range(3)] == [
       (features, features), (features, features), (features, 16)]
+
+
+def test_schedule_from_config_turns_epochs_into_steps():
+  optim_config = _optim(warmup_epochs=1.0, schedule='steps', decay_epochs=(3.0,),
+                        decay_factor=0.5)
+  schedule = optim.schedule_from_config(optim_config, 2.0, steps_per_epoch=10,
+                                        total_steps=50)
+  assert [float(schedule(s)) for s in (5, 10, 29, 30, 49)] == pytest.approx(
+      [1.0, 2.0, 2.0, 1.0, 1.0])
