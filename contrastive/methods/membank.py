@@ -81,12 +81,11 @@ def loss(model, params, batch_stats, method_state, inputs, key, config, run, axi
   (features, queries), updates = model.apply(
       {'params': params, 'batch_stats': batch_stats}, inputs['view1'], train=True,
       mutable=['batch_stats'])
-  batch_index = _gather(index, axis_name)                    # [N]
-  positives = read_rows(shard, batch_index, axis_name)
-  if axis_name is not None:
-    device, local = jax.lax.axis_index(axis_name), index.shape[0]
-    positives = jax.lax.dynamic_slice_in_dim(positives, device * local, local)
   device, rows = _shard_position(shard, axis_name)
+  batch_index = _gather(index, axis_name)                    # [N]
+  # Every replica reads the whole batch's rows; each keeps its own images' ones.
+  positives = jax.lax.dynamic_slice_in_dim(read_rows(shard, batch_index, axis_name),
+                                           device * index.shape[0], index.shape[0])
   if bank.num_negatives:
     drawn = jax.random.randint(key, (bank.num_negatives,), 0, run.num_examples)
     owned, local_rows = _owned_rows(drawn, shard, axis_name)
