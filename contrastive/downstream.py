@@ -21,7 +21,6 @@ standard 1% / 10% subsets use the TFDS builder ``imagenet2012_subset/1pct``
 
 import json
 import os
-import sys
 
 import flax.linen as nn
 import flax.struct
@@ -32,12 +31,12 @@ import numpy as np
 import optax
 from absl import app
 from absl import flags
-from absl import logging
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 from ml_collections import config_flags
 from PIL import Image
 
+from contrastive import command_line
 from contrastive import checkpoint
 from contrastive import config as config_lib
 from contrastive import export
@@ -516,24 +515,16 @@ def format_results(results: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 def _run_command(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   values = flags.FLAGS
-  if values.distributed:
-    jax.distributed.initialize(coordinator_address=values.coordinator_address,
-                               num_processes=values.num_processes,
-                               process_id=values.process_id)
-  if not values['verbosity'].present:
-    # Progress goes to the console; libraries' INFO logs (Orbax) would drown it.
-    logging.set_verbosity(logging.WARNING)
-  try:
+
+  def work():
+    if values.distributed:
+      jax.distributed.initialize(coordinator_address=values.coordinator_address,
+                                 num_processes=values.num_processes,
+                                 process_id=values.process_id)
     train_and_evaluate(values.config, values.workdir)
-  except (ValueError, FileNotFoundError) as err:
-    # Configuration and data errors say what to change; the traceback is noise
-    # unless asked for.
-    logging.debug('Traceback of the error below:', exc_info=True)
-    print(f'error: {err}\n(rerun with --verbosity=1 for the traceback)', file=sys.stderr)
-    sys.exit(1)
+
+  command_line.run(argv, work)
 
 
 def main():

@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import pickle
-import sys
 from typing import Any, NamedTuple
 
 import flax.serialization
@@ -31,8 +30,8 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
+from contrastive import command_line
 from contrastive import models
 from contrastive.models import resnet
 
@@ -348,17 +347,9 @@ EXPORTERS = {'flax': export_flax, 'torchvision': export_torchvision,
 
 
 def _run(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   values = flags.FLAGS
-  if not values['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)   # Orbax's INFO lines would bury the result
-  try:
-    EXPORTERS[values.format](values.workdir, values.out, values.step)
-  except (ValueError, FileNotFoundError) as err:
-    # A wrong workdir or step: the message says what to change.
-    print(f'error: {err}', file=sys.stderr)
-    sys.exit(1)
+  command_line.run(argv, lambda: EXPORTERS[values.format](values.workdir, values.out,
+                                                          values.step))
   print(f'Wrote {values.out} ({values.format}).')
 
 

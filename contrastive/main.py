@@ -8,14 +8,13 @@ workdir's latest checkpoint. On a multi-process cluster (TPU pod, SLURM, Open MP
 add ``--distributed`` so every process joins one JAX runtime.
 """
 
-import sys
 
 import jax
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from contrastive import command_line
 from contrastive import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -32,24 +31,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  if not flags.FLAGS['verbosity'].present:
-    # Progress goes to the console; libraries' INFO logs (Orbax) would drown it.
-    logging.set_verbosity(logging.WARNING)
-  try:
+  def work():
+    if _DISTRIBUTED.value:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as err:
-    # Configuration and data errors say what to change; the traceback is noise
-    # unless asked for.
-    logging.debug('Traceback of the error below:', exc_info=True)
-    print(f'error: {err}\n(rerun with --verbosity=1 for the traceback)',
-          file=sys.stderr)
-    sys.exit(1)
+
+  command_line.run(argv, work)
 
 
 if __name__ == '__main__':

@@ -19,8 +19,8 @@ import os
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
+from contrastive import command_line
 from contrastive import metrics as metrics_lib
 
 PLOTS = ('curves', 'retrievals')
@@ -161,17 +161,17 @@ def _show(ax, image, colour: str, title: str) -> None:
 # ----------------------------------------------------------------------------- command line
 
 def _run_command(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   values = flags.FLAGS
-  if not values['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)   # Orbax's INFO logs would drown the output
-  for what in values.what:
-    if what == 'curves':
-      path = plot_training_curves(values.workdir)
-    else:
-      path = plot_retrievals(values.workdir, num_queries=values.num_queries, k=values.k)
-    print(f'Wrote {path}.')
+
+  def work():
+    for what in values.what:
+      if what == 'curves':
+        path = plot_training_curves(values.workdir)
+      else:
+        path = plot_retrievals(values.workdir, num_queries=values.num_queries, k=values.k)
+      print(f'Wrote {path}.')
+
+  command_line.run(argv, work)
 
 
 def main():

@@ -21,15 +21,14 @@ and ``negatives.png`` (kNN top-1 against the number of negatives, log scale).
 
 import json
 import os
-import sys
 import time
 
 import ml_collections
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from contrastive import command_line
 from contrastive import train
 
 STUDY_METHODS = ('simclr', 'membank', 'moco')
@@ -137,14 +136,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the study.')
 
 
 def main(argv):
-  del argv
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)      # progress lines, not Orbax's INFO logs
-  try:
-    run_study(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(1)
+  command_line.run(argv, lambda: run_study(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == '__main__':
