@@ -19,7 +19,7 @@ subsets from TFDS instead, with all of their labels:
         --config.global_batch_size=4096 --distributed
 """
 
-from contrastive.downstream import downstream_config
+from contrastive.config import downstream_config
 
 _EPOCHS = {'1': 60.0, '10': 30.0}
 ARGS = tuple(_EPOCHS)

@@ -12,7 +12,7 @@ is the pretraining run's unless ``--config.data.*`` says otherwise; for datasets
 where a mirror image changes the class (digits) add ``--config.aug.flip_prob=0``.
 """
 
-from contrastive.downstream import downstream_config
+from contrastive.config import downstream_config
 
 
 def get_config(arg=None):

@@ -12,7 +12,7 @@ evaluation images a centre crop. The data is the pretraining run's unless
 ``--config.data.*`` says otherwise.
 """
 
-from contrastive.downstream import downstream_config
+from contrastive.config import downstream_config
 
 ARGS = ('imagenet',)
 

@@ -2,9 +2,11 @@
 
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 
 def run(argv, work):
@@ -25,3 +27,31 @@ def run(argv, work):
     logging.debug('Traceback of the error below:', exc_info=True)
     print(f'error: {err}\n(rerun with --verbosity=1 for the traceback)', file=sys.stderr)
     sys.exit(1)
+
+
+def run_config_command(train_and_evaluate, config_help: str) -> None:
+  """``--config FILE --workdir DIR [--distributed ...]`` -> ``train_and_evaluate``.
+
+  The flags of the training commands (pretraining and downstream evaluation).
+  They are defined here, when the command starts, so that importing a command's
+  module (config files import the schema) leaves the importer's flags alone.
+  """
+  config = config_flags.DEFINE_config_file('config', None, config_help, lock_config=True)
+  workdir = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics, results.')
+  distributed = flags.DEFINE_bool(
+      'distributed', False, 'Call jax.distributed.initialize() (multi-host runs; the '
+      'coordinator is auto-detected on TPU pods, SLURM and Open MPI).')
+  coordinator = flags.DEFINE_string(
+      'coordinator_address', None, 'host:port of process 0, where not auto-detected.')
+  num_processes = flags.DEFINE_integer('num_processes', None, 'Where not auto-detected.')
+  process_id = flags.DEFINE_integer('process_id', None, 'Where not auto-detected.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+  def work():
+    if distributed.value:
+      jax.distributed.initialize(coordinator_address=coordinator.value,
+                                 num_processes=num_processes.value,
+                                 process_id=process_id.value)
+    train_and_evaluate(config.value, workdir.value)
+
+  app.run(lambda argv: run(argv, work))

@@ -29,71 +29,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app
-from absl import flags
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_dict
-from ml_collections import config_flags
-from PIL import Image
 
 from contrastive import command_line
-from contrastive import checkpoint
 from contrastive import config as config_lib
 from contrastive import export
-from contrastive import metrics as metrics_lib
-from contrastive import optim
+from contrastive import loop
 from contrastive import parallel
 from contrastive.data import augment
+from contrastive.data import evaluation as eval_data
+from contrastive.data import in_memory
 from contrastive.data import sources
 from contrastive.evaluate import features as features_lib
+from contrastive.methods import View
 
 AXIS = parallel.AXIS
-MODES = ('linear', 'finetune')
 TOP_K = (1, 5)
-
-
-def downstream_config() -> ml_collections.ConfigDict:
-  """Every field of a downstream run, with its default."""
-  config = ml_collections.ConfigDict()
-  config.pretrained = ''                   # workdir of the pretraining run (required)
-  config.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
-  config.mode = 'linear'                   # 'linear' or 'finetune'
-  config.label_fraction = 1.0              # class-balanced subset of the training labels
-  config.subset_seed = 0                   # fixes that subset, whatever config.seed is
-  config.seed = 0
-  config.global_batch_size = 256
-  config.num_epochs = 100.0
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 2
-  config.eval_batch_size = 512
-
-  # Unset (None) fields take the pretraining run's value.
-  config.data = ml_collections.ConfigDict()
-  pretraining_data = config_lib.base_config().data
-  for name in pretraining_data.keys():
-    config.data[name] = config_dict.placeholder(pretraining_data.get_ref(name).get_type())
-
-  # Training images get a random resized crop and a flip, nothing else; evaluation
-  # images a centre crop of data.eval_crop_fraction.
-  config.aug = ml_collections.ConfigDict()
-  config.aug.crop_area = (0.08, 1.0)
-  config.aug.crop_aspect = (3 / 4, 4 / 3)
-  config.aug.flip_prob = 0.5
-
-  config.optim = ml_collections.ConfigDict()
-  config.optim.name = 'sgd'                # any of contrastive.optim.OPTIMIZERS
-  config.optim.base_lr = 0.1
-  config.optim.lr_scaling = 'linear'       # 'linear' (x B/256), 'sqrt' (x sqrt B), 'none'
-  config.optim.momentum = 0.9
-  config.optim.nesterov = False
-  config.optim.weight_decay = 0.0          # kernels only, never biases or BN
-  config.optim.trust_coefficient = 1e-3    # LARS only
-  config.optim.warmup_epochs = 0.0          # linear warmup from 0, then the schedule
-  config.optim.schedule = 'cosine'         # 'cosine' to 0, or 'steps'
-  config.optim.decay_epochs = (60.0, 80.0)  # 'steps': lr x decay_factor at each
-  config.optim.decay_factor = 0.1
-  return config
+say = loop.say
 
 
 class DownstreamState(flax.struct.PyTreeNode):
@@ -105,8 +57,6 @@ class DownstreamState(flax.struct.PyTreeNode):
   batch_stats: dict
   opt_state: optax.OptState
 
-
-say = metrics_lib.say
 
 
 # ----------------------------------------------------------------------------- data
@@ -128,57 +78,6 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarr
   rng = np.random.default_rng(seed)
   chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
   return np.sort(np.concatenate(chosen))
-
-
-class LabelledTrainData:
-  """Labelled training batches from images that every process holds in memory.
-
-  Global batch ``s`` is the window ``[s B, (s + 1) B)`` of an endless stream of
-  per-epoch permutations drawn from ``(seed, epoch)``: a batch is a pure function
-  of the step (a resumed run sees the batches it would have seen), the same for
-  any number of processes, and a subset smaller than one batch still works. Each
-  process returns the rows of its own devices.
-  """
-
-  def __init__(self, images, labels, mesh, global_batch: int, seed: int):
-    self._images, self._labels = images, labels
-    self._per_device = global_batch // mesh.devices.size
-    self._positions = parallel.local_device_positions(mesh)
-    self._global_batch = global_batch
-    self._seed = seed
-    self._orders = {}
-
-  def _order(self, epoch: int) -> np.ndarray:
-    if epoch not in self._orders:
-      # A batch spans at most a few epochs: keep only the latest orders.
-      self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-      self._orders[epoch] = np.random.default_rng([self._seed, epoch]).permutation(
-          len(self._labels))
-    return self._orders[epoch]
-
-  def batch(self, step: int) -> dict:
-    n = len(self._labels)
-    stream = np.arange(step * self._global_batch, (step + 1) * self._global_batch)
-    rows = np.empty(self._global_batch, np.int64)
-    for epoch in np.unique(stream // n):
-      here = stream // n == epoch
-      rows[here] = self._order(int(epoch))[stream[here] % n]
-    local = np.concatenate([rows[p * self._per_device:(p + 1) * self._per_device]
-                            for p in self._positions])
-    return {'image': self._images[local], 'label': self._labels[local]}
-
-
-def centre_crop(images: np.ndarray, fraction: float) -> np.ndarray:
-  """The central ``fraction`` of each image, resized back to its size (bicubic):
-  the in-memory counterpart of the streamed pipeline's resize + centre crop."""
-  if fraction == 1:
-    return images
-  size = images.shape[1]
-  side = size * fraction
-  box = ((size - side) / 2, (size - side) / 2, (size + side) / 2, (size + side) / 2)
-  return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC,
-                                                            box=box))
-                   for image in images])
 
 
 def _resolve_data(overrides, pretraining) -> ml_collections.ConfigDict:
@@ -240,9 +139,7 @@ def make_train_step(mode: str, encoder, classifier, tx, schedule, aug, image_siz
 
   def train_step(state: DownstreamState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.key(seed), state.step)
-    local = batch['label'].shape[0]
-    positions = jax.lax.axis_index(AXIS) * local + jnp.arange(local)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, positions)
+    keys = augment.global_image_keys(step_key, batch['label'].shape[0], AXIS)
     images = augment.augment_images(keys, batch['image'], aug, image_size, crop=crop)
     if not finetune:
       features = encoder.apply({'params': frozen, 'batch_stats': state.batch_stats},
@@ -312,20 +209,6 @@ def _pretrained_step(config, manager, workdir: str) -> int | None:
   return None
 
 
-def _check_config(config) -> None:
-  """The errors a run can tell before it loads anything."""
-  if not config.pretrained:
-    raise ValueError('config.pretrained is empty: set it to the workdir of a pretraining '
-                     'run, e.g. --config.pretrained=/tmp/quickstart.')
-  if not os.path.isdir(config.pretrained):
-    raise FileNotFoundError(f'config.pretrained={config.pretrained!r} is not a directory: '
-                            'it must be the workdir of a pretraining run.')
-  if config.mode not in MODES:
-    raise ValueError(f'config.mode={config.mode!r}; valid: {", ".join(MODES)}')
-  if not 0 < config.label_fraction <= 1:
-    raise ValueError(f'config.label_fraction={config.label_fraction} must be in (0, 1].')
-
-
 def _load_pretrained(config, step):
   try:
     return export.load_pretrained(config.pretrained, step)
@@ -333,126 +216,114 @@ def _load_pretrained(config, step):
     raise FileNotFoundError(f'config.pretrained={config.pretrained!r}: {err}') from err
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the classifier (and, fine-tuning, the backbone); returns the figures
-  written to ``workdir/downstream.json``."""
-  _check_config(config)
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  try:
-    return _run(config, workdir, manager)
-  finally:
-    # An exception (not a kill) still lets the checkpoint in flight complete.
-    checkpoint.finish(manager)
-
-
-def _run(config, workdir: str, manager) -> dict:
-  # --- pretrained backbone
-  pretrained = _load_pretrained(config, _pretrained_step(config, manager, workdir))
-  loaded = jax.tree.map(np.array, pretrained.variables)   # host copy for the final check
-  data = _resolve_data(config.data, pretrained.config.data)
-  aug = _train_aug(config, pretrained.config.aug)
-  linear = config.mode == 'linear'
-
-  # --- mesh
-  mesh = parallel.make_mesh()
-  local_batch = parallel.check_global_batch(config.global_batch_size, mesh)
-  eval_local_batch = parallel.check_global_batch(config.eval_batch_size, mesh,
-                                                 'config.eval_batch_size')
-
-  # --- data
+def _labelled_data(config, data, layout: loop.Layout):
+  """``(train_data, num_examples, num_classes)`` of the (subset of the) labels."""
   if data.in_memory:
     train_split = sources.load_arrays(data, 'train')
-    num_classes = train_split.num_classes
     if train_split.labels is None:
       raise ValueError('Downstream training needs labels, and the training split has none.')
     subset = label_subset(train_split.labels, config.label_fraction, config.subset_seed)
-    num_examples = len(subset)
-    train_data = LabelledTrainData(train_split.images[subset], train_split.labels[subset],
-                                   mesh, config.global_batch_size, config.seed)
-    next_batch = train_data.batch
-  else:
-    if config.label_fraction != 1:
-      raise ValueError(
-          f'config.label_fraction={config.label_fraction} needs data.in_memory=True; '
-          'for ImageNet use the standard subsets instead: '
-          '--config.data.name=imagenet2012_subset/1pct (or 10pct) '
-          '--config.label_fraction=1.0.')
-    info = sources.split_info(data, 'train')
-    num_classes, num_examples = info.num_classes, info.num_examples
-  if num_classes is None:
+    return (in_memory.LabelledTrainData(train_split.images[subset],
+                                        train_split.labels[subset], layout.mesh,
+                                        config.global_batch_size, config.seed),
+            len(subset), train_split.num_classes)
+  if config.label_fraction != 1:
+    raise ValueError(
+        f'config.label_fraction={config.label_fraction} needs data.in_memory=True; '
+        'for ImageNet use the standard subsets instead: '
+        '--config.data.name=imagenet2012_subset/1pct (or 10pct) '
+        '--config.label_fraction=1.0.')
+  info = sources.split_info(data, 'train')
+  if info.num_classes is None:
     raise ValueError('Downstream training needs labels, and the training split has none.')
+  return None, info.num_examples, info.num_classes
+
+
+def _streamed_batches(config, data, aug, local_batch: int, start_step: int):
+  """The host pipeline crops and flips; a restart reshuffles from a seed tied to
+  the resume step, as pretraining does."""
+  from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+  stream = pipeline.train_iterator(data, [View(aug, data.image_size)], local_batch, seed=config.seed + start_step,
+                                   shard_index=jax.process_index(),
+                                   shard_count=jax.process_count())
+  return ({'image': batch['views'][0], 'label': batch['label']} for batch in stream)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the classifier (and, fine-tuning, the backbone); returns the figures
+  written to ``workdir/downstream.json``."""
+  if not config.pretrained:
+    raise ValueError('config.pretrained is empty: set it to the workdir of a pretraining '
+                     'run, e.g. --config.pretrained=/tmp/quickstart.')
+  if not os.path.isdir(config.pretrained):
+    raise FileNotFoundError(f'config.pretrained={config.pretrained!r} is not a directory: '
+                            'it must be the workdir of a pretraining run.')
+  config_lib.validate_downstream(config)
+  with loop.Workdir(workdir, config.keep_checkpoints) as run_dir:
+    return _run(config, run_dir)
+
+
+def _run(config, run_dir: loop.Workdir) -> dict:
+  # --- pretrained backbone
+  pretrained = _load_pretrained(config, _pretrained_step(config, run_dir, run_dir.path))
+  loaded = jax.tree.map(np.array, pretrained.variables)   # host copy for the final check
+  data = _resolve_data(config.data, pretrained.config.data)
+  aug = _train_aug(config, pretrained.config.aug)
+  config_lib.raise_if(config_lib.check_augmentation(aug, 'aug'))
+  linear = config.mode == 'linear'
+
+  # --- mesh and data
+  layout = loop.layout(config.global_batch_size, config.eval_batch_size,
+                       'config.eval_batch_size')
+  train_data, num_examples, num_classes = _labelled_data(config, data, layout)
   steps_per_epoch = num_examples / config.global_batch_size
-  total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+  num_steps = loop.total_steps(config.num_epochs, steps_per_epoch)
 
   # --- state
-  peak_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
-  schedule = optim.schedule_from_config(config.optim, peak_lr, steps_per_epoch, total_steps)
-  tx = optim.make_optimizer(config.optim, schedule)
+  opt = loop.optimizer(config.optim, config.global_batch_size, steps_per_epoch, num_steps)
   classifier = make_classifier(num_classes)
-  state = init_state(config.mode, classifier, tx, pretrained, config.seed)
+  state = init_state(config.mode, classifier, opt.tx, pretrained, config.seed)
   frozen = pretrained.variables['params'] if linear else {}
-  state, frozen = jax.device_put((state, frozen), parallel.replicated(mesh))
-
-  # --- restore
-  state = checkpoint.restore_or_keep(manager, state)
-  start_step = int(jax.device_get(state.step))
-  if start_step:
-    say(f'Resuming from the checkpoint of step {start_step} in {manager.directory}.')
-  _record_config(config, data, pretrained.step, workdir)
+  state, frozen = jax.device_put((state, frozen), parallel.replicated(layout.mesh))
+  state, start_step = run_dir.restore(state)
+  record = loop.config_record(config)
+  record.update(data=data.to_dict(), pretrained_step=pretrained.step)
+  run_dir.record_config(record, resumed=start_step > 0)
   say(f'{config.mode} on {os.path.abspath(config.pretrained)} (step {pretrained.step}, '
       f'{"frozen" if linear else "trained"} backbone): {num_examples} '
       f'training images ({100 * config.label_fraction:g}% of the labels), '
-      f'{num_classes} classes, {mesh.devices.size} device(s), global batch '
+      f'{num_classes} classes, {layout.mesh.devices.size} device(s), global batch '
       f'{config.global_batch_size}.')
 
-  # --- step
-  image_size = data.image_size
-  train_step = parallel.per_replica(
-      make_train_step(config.mode, pretrained.encoder, classifier, tx, schedule, aug,
-                      image_size, crop=data.in_memory, seed=config.seed),
-      mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
-  if not data.in_memory:
-    from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
-    # The host pipeline crops and flips; a restart reshuffles from a seed tied to
-    # the resume step, as the pretraining trainer does.
-    stream = pipeline.train_iterator(data, aug, local_batch, seed=config.seed + start_step,
-                                     shard_index=jax.process_index(),
-                                     shard_count=jax.process_count())
-
-    def next_batch(step):
-      del step
-      views = next(stream)
-      return {'image': views['view1'], 'label': views['label']}
-
   # --- loop
-  writer = metrics_lib.MetricWriter(workdir)
-  log = metrics_lib.StepLogger(
-      writer, start_step, total_steps, config.global_batch_size, steps_per_epoch,
-      config.log_every_steps, manager.directory,
+  step = parallel.per_replica(
+      make_train_step(config.mode, pretrained.encoder, classifier, opt.tx, opt.schedule,
+                      aug, data.image_size, crop=data.in_memory, seed=config.seed),
+      layout.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
+  batches = (train_data.batches(start_step) if data.in_memory else
+             _streamed_batches(config, data, aug, layout.local_batch, start_step))
+  say(f'Training steps {start_step} -> {num_steps} ({steps_per_epoch:.4g} per epoch), '
+      f'peak learning rate {opt.peak_lr:.4g}, {config.optim.schedule} schedule.')
+  state = loop.train(
+      run_dir, state, lambda state, batch: step(state, frozen, batch), batches,
+      layout.mesh, start_step=start_step, num_steps=num_steps,
+      steps_per_epoch=steps_per_epoch, global_batch=config.global_batch_size,
+      log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
       console=(('train top-1', 'train_accuracy', '.3f'), ('lr', 'learning_rate', '.4g')))
-  say(f'Training steps {start_step} -> {total_steps} ({steps_per_epoch:.4g} per epoch), '
-      f'peak learning rate {peak_lr:.4g}, {config.optim.schedule} schedule.')
-  for step in range(start_step, total_steps):
-    batch = parallel.host_to_global(next_batch(step), mesh)
-    state, scalars = train_step(state, frozen, batch)
-    done = step + 1
-    log.after_step(done, scalars)
-    if done % config.checkpoint_every_steps == 0 or done == total_steps:
-      checkpoint.save(manager, state)
 
   # --- evaluation
   eval_step = parallel.per_replica(
-      make_eval_step(config.mode, pretrained.encoder, classifier, aug), mesh,
+      make_eval_step(config.mode, pretrained.encoder, classifier, aug), layout.mesh,
       in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-  image_shape = (image_size, image_size, 3)
   logits, labels = features_lib.extract_features(
-      eval_step, (state, frozen), _eval_batches(data, eval_local_batch), mesh,
-      eval_local_batch, image_shape)
+      eval_step, (state, frozen),
+      eval_data.batches(data, eval_data.load_split(data, 'eval'), layout.eval_local_batch),
+      layout.mesh, layout.eval_local_batch, (data.image_size, data.image_size, 3))
   results = {
       **{f'top{k}_accuracy': top_k_accuracy(logits, labels, k) for k in TOP_K},
       'num_eval_images': int(len(labels)), 'num_train_images': int(num_examples),
       'mode': config.mode, 'label_fraction': config.label_fraction,
-      'epochs': config.num_epochs, 'steps': total_steps,
+      'epochs': config.num_epochs, 'steps': num_steps,
       'pretrained': os.path.abspath(config.pretrained), 'pretrained_step': pretrained.step,
   }
   if linear:
@@ -460,26 +331,10 @@ def _run(config, workdir: str, manager) -> dict:
     results['backbone_unchanged'] = True
     say(f'Backbone parameters and BatchNorm statistics are bit-identical to the '
         f'pretrained checkpoint of step {pretrained.step}.')
-  writer.write(total_steps, {f'eval/top{k}_accuracy': results[f'top{k}_accuracy']
-                             for k in TOP_K})
-  writer.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'downstream.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+  run_dir.write_results('downstream.json', num_steps, results,
+                        {f'eval/top{k}_accuracy': results[f'top{k}_accuracy'] for k in TOP_K})
   say(format_results(results))
   return results
-
-
-def _eval_batches(data, local_batch: int):
-  """This process's block of the eval split: padded in-memory batches, or streamed."""
-  if data.in_memory:
-    arrays = sources.load_arrays(data, 'eval', shard_index=jax.process_index(),
-                                 shard_count=jax.process_count())
-    images = centre_crop(arrays.images, float(data.eval_crop_fraction))
-    return features_lib.padded_batches(images, arrays.labels, local_batch)
-  from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.eval_iterator(data, 'eval', local_batch, jax.process_index(),
-                                jax.process_count())
 
 
 def _check_backbone_unchanged(loaded, used) -> None:
@@ -492,17 +347,6 @@ def _check_backbone_unchanged(loaded, used) -> None:
     raise RuntimeError('The frozen backbone changed during linear evaluation.')
 
 
-def _record_config(config, data, pretrained_step: int, workdir: str) -> None:
-  """config.json with the data config and pretrained step actually used."""
-  if jax.process_index() != 0:
-    return
-  record = config.to_dict()
-  record.update(data=data.to_dict(), pretrained_step=pretrained_step)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(record, f, indent=2, sort_keys=True, default=str)
-
-
 def format_results(results: dict) -> str:
   return '\n'.join([
       f'{results["mode"].capitalize()} evaluation, {100 * results["label_fraction"]:g}% '
@@ -512,40 +356,5 @@ def format_results(results: dict) -> str:
       f'  {"top-5":<8}{100 * results["top5_accuracy"]:>7.2f}%'])
 
 
-# ----------------------------------------------------------------------------- command line
-
-def _run_command(argv):
-  values = flags.FLAGS
-
-  def work():
-    if values.distributed:
-      jax.distributed.initialize(coordinator_address=values.coordinator_address,
-                                 num_processes=values.num_processes,
-                                 process_id=values.process_id)
-    train_and_evaluate(values.config, values.workdir)
-
-  command_line.run(argv, work)
-
-
-def main():
-  """``python -m contrastive.downstream``.
-
-  The flags are defined here rather than at import, so that importing this module
-  (the config files do) leaves the importing program's flags alone.
-  """
-  config_flags.DEFINE_config_file('config', None, 'Downstream config file.',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Checkpoints, metrics, results.')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host '
-                    'runs; the coordinator is auto-detected on TPU pods, SLURM and '
-                    'Open MPI).')
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, where not auto-detected.')
-  flags.DEFINE_integer('num_processes', None, 'Where not auto-detected.')
-  flags.DEFINE_integer('process_id', None, 'Where not auto-detected.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(_run_command)
-
-
 if __name__ == '__main__':
-  main()
+  command_line.run_config_command(train_and_evaluate, 'Downstream config file.')

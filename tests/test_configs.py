@@ -2,6 +2,9 @@
 
 import importlib
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +18,8 @@ PRETRAINING = sorted(
     name[:-3] for name in os.listdir(CONFIG_DIR)
     if name.endswith('.py')
     and not name.startswith(('linear_eval', 'finetune', 'negatives_study', '__')))
+DOWNSTREAM = sorted(name[:-3] for name in os.listdir(CONFIG_DIR)
+                    if name.startswith(('linear_eval', 'finetune')) and name.endswith('.py'))
 
 
 def _keys(tree, prefix=''):
@@ -38,6 +43,8 @@ def test_pretraining_config_loads_and_fits_the_schema(name):
     models.build_model(config.model, config.head)          # names and modes are valid
     if config.method == 'moco':
       assert config.moco.queue_size % config.global_batch_size == 0
+    assert config_lib.pretraining_problems(config) == []
+    config_lib.validate_pretraining(config)
 
 
 def test_moco_recipes():
@@ -66,6 +73,224 @@ def test_negatives_study_plans_one_run_per_mechanism_and_count():
     assert run['config'].model.to_dict() == config.base.model.to_dict()
     assert run['config'].num_epochs == config.base.num_epochs
     assert run['config'].method == run['method']
+  assert config_lib.pretraining_problems(config.base) == [
+      "config.data.path=''; data.source='folder' needs the image folder"]
+  config.base.data.path = '/data/cifar10/train'        # as its run command gives it
+  for run in negatives.planned_runs(config):
+    config_lib.validate_pretraining(run['config'])
   assert runs[7]['config'].moco.queue_size == 1024
   assert runs[3]['config'].membank.num_negatives == 256
   assert {r['config'].simclr.temperature for r in runs} == {config.temperature}
+
+
+@pytest.mark.parametrize('name', DOWNSTREAM)
+def test_downstream_config_loads_fits_the_schema_and_validates(name):
+  module = importlib.import_module(f'configs.{name}')
+  assert f'--config=configs/{name}.py' in module.__doc__
+  assert module.downstream_config is config_lib.downstream_config
+  for arg in (None, *getattr(module, 'ARGS', ())):
+    config = module.get_config(arg)
+    assert _keys(config) == _keys(config_lib.downstream_config())
+    assert config.mode in config_lib.DOWNSTREAM_MODES
+    assert config_lib.downstream_problems(config) == [        # given on the command line
+        "config.pretrained=''; must be the workdir of a pretraining run"]
+    config.pretrained = '/tmp/quickstart'
+    config_lib.validate_downstream(config)
+
+
+def test_the_tiny_test_config_validates(config):
+  assert config_lib.pretraining_problems(config) == []
+  config_lib.validate_pretraining(config, extra=[])
+
+
+# (fields set on the tiny test config (digits, 50 held out per class, eval off),
+#  the one problem expected)
+BROKEN_PRETRAINING = [
+    ({'optim.name': 'lamb'}, "config.optim.name='lamb'; valid: lars, sgd, adamw"),
+    ({'optim.lr_scaling': 'log'}, "config.optim.lr_scaling='log'; valid: linear, sqrt, none"),
+    ({'optim.schedule': 'linear'}, "config.optim.schedule='linear'; valid: cosine, steps"),
+    ({'model.name': 'resnet51'}, "config.model.name='resnet51'; valid: resnet10, resnet18,"),
+    ({'model.stem': 'tiny'}, "config.model.stem='tiny'; valid: imagenet, cifar"),
+    ({'model.bn': 'sync'}, "config.model.bn='sync'; valid: global, local"),
+    ({'head.num_layers': 4}, 'config.head.num_layers=4; valid: 1, 2, 3'),
+    ({'data.source': 'hdf5'}, "config.data.source='hdf5'; valid: digits, tfds, folder"),
+    ({'global_batch_size': 0}, 'config.global_batch_size=0; must be > 0'),
+    ({'num_epochs': -1.0}, 'config.num_epochs=-1.0; must be >= 0'),
+    ({'log_every_steps': 0}, 'config.log_every_steps=0; must be >= 1'),
+    ({'keep_checkpoints': 0}, 'config.keep_checkpoints=0; must be >= 1'),
+    ({'model.width': 0.0}, 'config.model.width=0.0; must be > 0'),
+    ({'model.bn_momentum': 1.0}, 'config.model.bn_momentum=1.0; must be in [0, 1)'),
+    ({'head.out_dim': 0}, 'config.head.out_dim=0; must be >= 1'),
+    ({'head.hidden_dim': -1}, 'config.head.hidden_dim=-1; must be >= 0'),
+    ({'data.image_size': 0}, 'config.data.image_size=0; must be >= 1'),
+    ({'data.eval_crop_fraction': 1.5}, 'config.data.eval_crop_fraction=1.5; must be in (0, 1]'),
+    ({'data.holdout_per_class': -1}, 'config.data.holdout_per_class=-1; must be >= 0'),
+    ({'optim.base_lr': -0.1}, 'config.optim.base_lr=-0.1; must be >= 0'),
+    ({'optim.momentum': 1.0}, 'config.optim.momentum=1.0; must be in [0, 1)'),
+    ({'optim.weight_decay': -1e-4}, 'config.optim.weight_decay=-0.0001; must be >= 0'),
+    ({'optim.decay_epochs': (80.0, 60.0)}, 'config.optim.decay_epochs=(80.0, 60.0); must be'),
+    ({'optim.decay_epochs': (-1.0,)}, 'config.optim.decay_epochs=(-1.0,); must be epochs >= 0'),
+    ({'optim.decay_factor': 0.0}, 'config.optim.decay_factor=0.0; must be > 0'),
+    ({'eval.batch_size': 0}, 'config.eval.batch_size=0; must be > 0'),
+    ({'eval.knn_k': 0}, 'config.eval.knn_k=0; must be >= 1'),
+    ({'eval.knn_temperature': 0.0}, 'config.eval.knn_temperature=0.0; must be > 0'),
+    ({'eval.knn_every_epochs': -1.0}, 'config.eval.knn_every_epochs=-1.0; must be >= 0'),
+    ({'aug.flip_prob': 1.5}, 'config.aug.flip_prob=1.5; must be in [0, 1]'),
+    ({'aug.solarize_prob': -0.2}, 'config.aug.solarize_prob=-0.2; must be in [0, 1]'),
+    ({'aug.saturation': -0.4}, 'config.aug.saturation=-0.4; must be >= 0'),
+    ({'aug.hue': 0.6}, 'config.aug.hue=0.6; must be in [0, 0.5]'),
+    ({'aug.crop_area': (0.5, 0.2)}, 'config.aug.crop_area=(0.5, 0.2); must be a pair '
+     '0 < lo <= hi <= 1'),
+    ({'aug.crop_area': (0.5,)}, 'config.aug.crop_area=(0.5,); must be a pair'),
+    ({'aug.crop_aspect': (0.0, 1.0)}, 'config.aug.crop_aspect=(0.0, 1.0); must be a pair '
+     '0 < lo <= hi'),
+    ({'aug.blur_sigma': (2.0, 0.1, 3.0)}, 'config.aug.blur_sigma=(2.0, 0.1, 3.0); must be a pair'),
+    ({'aug.mean': (0.5, 0.5, 0.5)}, 'config.aug.std=None; set together with config.aug.mean='),
+    ({'aug.mean': (0.5, 0.5, 0.5), 'aug.std': (0.2, 0.0, 0.2)},
+     'config.aug.std=(0.2, 0.0, 0.2); must be 3 numbers > 0'),
+    ({'aug.mean': (0.5, 0.5), 'aug.std': (0.2, 0.2, 0.2)},
+     'config.aug.mean=(0.5, 0.5); must be 3 numbers'),
+    ({'data.source': 'folder'}, "config.data.path=''; data.source='folder' needs the image"),
+    ({'data.in_memory': False}, "config.data.in_memory=False; data.source='digits' is "
+     'in-memory only'),
+    ({'data.eval_path': '/val', 'data.holdout_per_class': 0},
+     "config.data.eval_path='/val'; only data.source='folder' reads it, not "
+     "data.source='digits'"),
+    ({'data.source': 'folder', 'data.path': '/train', 'data.eval_path': '/val'},
+     "config.data.eval_path='/val'; not together with data.holdout_per_class=50"),
+    ({'data.holdout_per_class': 0, 'eval.enabled': True},
+     'config.data.holdout_per_class=0; config.eval.enabled=True needs an eval split'),
+    ({'data.holdout_per_class': 0, 'eval.knn_every_epochs': 1.0},
+     'config.data.holdout_per_class=0; config.eval.knn_every_epochs=1.0 needs an eval split'),
+    ({'data.source': 'folder', 'data.path': '/train', 'data.holdout_per_class': 0,
+      'eval.enabled': True}, 'data.holdout_per_class > 0 or data.eval_path'),
+]
+
+
+def _override(config, fields):
+  for path, value in fields.items():
+    *sections, name = path.split('.')
+    section = config
+    for key in sections:
+      section = section[key]
+    section[name] = value
+  return config
+
+
+@pytest.mark.parametrize('fields,expected', BROKEN_PRETRAINING,
+                         ids=[' '.join(fields) for fields, _ in BROKEN_PRETRAINING])
+def test_a_broken_pretraining_field_is_named_with_its_value(config, fields, expected):
+  _override(config, fields)
+  with pytest.raises(ValueError, match=re.escape(expected)) as error:
+    config_lib.validate_pretraining(config)
+  assert '\n' not in str(error.value)                  # that one problem, nothing else
+  assert config_lib.pretraining_problems(config) == [str(error.value)]
+
+
+def test_the_evaluation_split_of_folder_runs():
+  from configs import quickstart  # pylint: disable=import-outside-toplevel
+  config = _override(quickstart.get_config(), {
+      'data.source': 'folder', 'data.path': '/train', 'data.holdout_per_class': 0,
+      'data.eval_path': '/val', 'eval.enabled': True})
+  config_lib.validate_pretraining(config)                # a separate eval folder
+  config.data.eval_path = ''
+  config.eval.enabled = False
+  config_lib.validate_pretraining(config)                # no evaluation, no eval split
+
+
+def _downstream_config():
+  from configs import linear_eval_moco  # pylint: disable=import-outside-toplevel
+  config = linear_eval_moco.get_config()
+  config.pretrained = '/tmp/quickstart'
+  return config
+
+
+BROKEN_DOWNSTREAM = [
+    ({'pretrained': ''}, "config.pretrained=''; must be the workdir of a pretraining run"),
+    ({'mode': 'frozen'}, "config.mode='frozen'; valid: linear, finetune"),
+    ({'label_fraction': 0.0}, 'config.label_fraction=0.0; must be in (0, 1]'),
+    ({'label_fraction': 1.5}, 'config.label_fraction=1.5; must be in (0, 1]'),
+    ({'global_batch_size': -8}, 'config.global_batch_size=-8; must be > 0'),
+    ({'eval_batch_size': 0}, 'config.eval_batch_size=0; must be > 0'),
+    ({'checkpoint_every_steps': 0}, 'config.checkpoint_every_steps=0; must be >= 1'),
+    ({'aug.crop_area': (0.0, 1.0)}, 'config.aug.crop_area=(0.0, 1.0); must be a pair'),
+    ({'aug.crop_aspect': (4 / 3, 3 / 4)}, 'config.aug.crop_aspect=(1.33'),
+    ({'aug.flip_prob': -0.1}, 'config.aug.flip_prob=-0.1; must be in [0, 1]'),
+    ({'optim.name': 'lamb'}, "config.optim.name='lamb'; valid: lars, sgd, adamw"),
+    ({'optim.decay_epochs': (80.0, 60.0)}, 'config.optim.decay_epochs=(80.0, 60.0)'),
+    ({'data.source': 'hdf5'}, "config.data.source='hdf5'; valid: digits, tfds, folder"),
+    ({'data.image_size': 0}, 'config.data.image_size=0; must be >= 1'),
+    ({'data.eval_crop_fraction': 0.0}, 'config.data.eval_crop_fraction=0.0; must be in (0, 1]'),
+    ({'data.source': 'digits', 'data.in_memory': False},
+     "config.data.in_memory=False; data.source='digits' is in-memory only"),
+    ({'data.source': 'folder', 'data.path': ''}, "config.data.path=''; data.source='folder'"),
+    ({'data.source': 'digits', 'data.holdout_per_class': 0, 'data.eval_path': ''},
+     'config.data.holdout_per_class=0; the downstream evaluation needs an eval split'),
+]
+
+
+@pytest.mark.parametrize('fields,expected', BROKEN_DOWNSTREAM,
+                         ids=[' '.join(fields) for fields, _ in BROKEN_DOWNSTREAM])
+def test_a_broken_downstream_field_is_named_with_its_value(fields, expected):
+  config = _override(_downstream_config(), fields)
+  with pytest.raises(ValueError, match=re.escape(expected)) as error:
+    config_lib.validate_downstream(config)
+  assert '\n' not in str(error.value)
+  assert config_lib.downstream_problems(config) == [str(error.value)]
+
+
+def test_downstream_data_left_unset_is_the_pretraining_runs_and_not_checked():
+  config = _override(_downstream_config(), {'data.source': 'folder'})  # data.path inherited
+  config_lib.validate_downstream(config)
+  assert all(value is None for value in _downstream_config().data.values())
+
+
+def test_every_problem_is_listed_in_one_error_with_the_callers_own(config):
+  _override(config, {'optim.name': 'lamb', 'global_batch_size': 0, 'aug.hue': 0.7,
+                     'model.stem': 'tiny', 'data.in_memory': False})
+  method_problems = ["config.moco.key_bn='shufle'; valid: shuffle, global, local"]
+  with pytest.raises(ValueError) as error:
+    config_lib.validate_pretraining(config, extra=method_problems)
+  assert str(error.value).splitlines() == [
+      '6 problems in the config:',
+      '  config.global_batch_size=0; must be > 0',
+      "  config.model.stem='tiny'; valid: imagenet, cifar",
+      "  config.data.in_memory=False; data.source='digits' is in-memory only: set "
+      'data.in_memory=True',
+      '  config.aug.hue=0.7; must be in [0, 0.5]',
+      "  config.optim.name='lamb'; valid: lars, sgd, adamw",
+      "  config.moco.key_bn='shufle'; valid: shuffle, global, local"]
+  _override(config, {'optim.name': 'sgd', 'global_batch_size': 16, 'aug.hue': 0.1,
+                     'model.stem': 'cifar', 'data.in_memory': True})
+  with pytest.raises(ValueError, match=r"^config.moco.key_bn='shufle'"):
+    config_lib.validate_pretraining(config, extra=method_problems)  # one: no header
+  config_lib.validate_pretraining(config)
+  config_lib.raise_if([])
+
+
+def test_check_augmentation_names_the_view_it_checks():
+  from contrastive.data import augment  # pylint: disable=import-outside-toplevel
+  for version in (1, 2):
+    assert config_lib.check_augmentation(augment.moco_augment_config(version), 'view1') == []
+  view = augment.simclr_augment_config()
+  view.blur_sigma = (0.0, 2.0)
+  view.grayscale_prob = 2.0
+  assert config_lib.check_augmentation(view, 'moco.key_aug') == [
+      'config.moco.key_aug.grayscale_prob=2.0; must be in [0, 1]',
+      'config.moco.key_aug.blur_sigma=(0.0, 2.0); must be a pair 0 < lo <= hi']
+
+
+def test_validation_needs_neither_tensorflow_nor_data():
+  code = ('import sys\n'
+          'from configs import simclr_cifar10\n'
+          'from contrastive import config as c\n'
+          'cfg = simclr_cifar10.get_config()\n'
+          "cfg.optim.name = 'lamb'\n"
+          'try:\n'
+          '  c.validate_pretraining(cfg)\n'
+          'except ValueError as err:\n'
+          '  print(err)\n'
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")
+  result = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(CONFIG_DIR),
+                          capture_output=True, text=True, check=True, timeout=120)
+  assert result.stdout == "config.optim.name='lamb'; valid: lars, sgd, adamw\n"

@@ -1,6 +1,7 @@
 """Behaviour of the data sources (in memory) and the streaming tf.data pipeline."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from contrastive.data import sources
+from contrastive.methods import View
 
 # Solid class colours, so a label can be read back from the pixels after JPEG
 # compression, resizing and cropping.
@@ -21,7 +23,7 @@ _TFDS_TRAIN, _TFDS_TEST = 23, 7
 def make_data(**fields) -> ml_collections.ConfigDict:
   """A data config with every field the sources and the pipeline read."""
   data = ml_collections.ConfigDict({
-      'source': 'digits', 'name': _TFDS_NAME, 'data_dir': None, 'path': '',
+      'source': 'digits', 'name': _TFDS_NAME, 'data_dir': None, 'path': '', 'eval_path': '',
       'train_split': 'train', 'eval_split': 'test', 'holdout_per_class': 0,
       'image_size': 16, 'eval_crop_fraction': 1.0})
   data.update(fields)
@@ -31,6 +33,12 @@ def make_data(**fields) -> ml_collections.ConfigDict:
 def make_aug() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       {'crop_area': (0.08, 1.0), 'crop_aspect': (3 / 4, 4 / 3), 'flip_prob': 0.5})
+
+
+def two_views(data, aug=None) -> tuple[View, View]:
+  """The two views most methods declare: one augmentation, the data's image size."""
+  view = View(make_aug() if aug is None else aug, data.image_size)
+  return (view, view)
 
 
 def _concat(parts):
@@ -191,20 +199,118 @@ def test_folder_errors_name_the_path(tmp_path):
     sources.load_arrays(make_data(source='folder', path=str(empty)), 'train')
 
 
+_NAMED_COLOURS = {'ant': _CLASS_COLOURS[0], 'bee': _CLASS_COLOURS[1], 'cat': _CLASS_COLOURS[2]}
+
+
+def _class_folder(root, counts):
+  """One sub-folder per class name with ``counts[name]`` images of the class colour,
+  created in the given (not sorted) order."""
+  for name, count in counts.items():
+    (root / name).mkdir(parents=True)
+    for i in range(count):
+      _save(root / name / f'{i}.png', _NAMED_COLOURS[name], (18 + 5 * i, 16), 'PNG')
+  return str(root)
+
+
+@pytest.fixture(name='train_val')
+def fixture_train_val(tmp_path):
+  """train/ with ant, bee, cat; val/ without bee, its folders made in reverse order."""
+  train = _class_folder(tmp_path / 'train', {'ant': 4, 'bee': 4, 'cat': 4})
+  val = _class_folder(tmp_path / 'val', {'cat': 3, 'ant': 2})
+  return train, val
+
+
+def test_folder_eval_path_labels_by_class_name(train_val):
+  from contrastive.data import folder  # pylint: disable=import-outside-toplevel
+  train_dir, val_dir = train_val
+  data = make_data(source='folder', path=train_dir, eval_path=val_dir)
+  assert sources.split_info(data, 'eval') == sources.SplitInfo('eval', 5, 3)
+  assert sources.split_info(data, 'train') == sources.SplitInfo('train', 12, 3)
+  eval_ = sources.load_arrays(data, 'eval')
+  assert eval_.num_classes == 3 and eval_.skipped == 0 and eval_.labels.dtype == np.int32
+  # val/cat is label 2 as in train/, though it is val's second class folder.
+  assert np.bincount(eval_.labels, minlength=3).tolist() == [2, 0, 3]
+  colour_of = eval_.images.reshape(5, -1, 3).mean(axis=1).argmax(axis=1)
+  np.testing.assert_array_equal(colour_of, eval_.labels)
+  # Sorted paths, then the same fixed shuffle as every split.
+  listed = sorted(str(p) for p in Path(val_dir).rglob('*.png'))
+  order = np.random.default_rng(0).permutation(len(listed))
+  assert folder.folder_split(data, 'eval').paths == [listed[i] for i in order]
+  # The train split is the whole training folder, as without an eval folder.
+  train = sources.load_arrays(data, 'train')
+  assert np.bincount(train.labels).tolist() == [4, 4, 4]
+  whole = sources.load_arrays(make_data(source='folder', path=train_dir), 'train')
+  np.testing.assert_array_equal(train.images, whole.images)
+  np.testing.assert_array_equal(train.labels, whole.labels)
+  _check_nested_shards(data, 'eval')
+
+
+def test_folder_eval_path_streamed_eval_matches_in_memory(train_val):
+  from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
+  train_dir, val_dir = train_val
+  data = make_data(source='folder', path=train_dir, eval_path=val_dir)
+  in_memory = sources.load_arrays(data, 'eval')
+  batches = list(pipeline.eval_iterator(data, 'eval', 2, 0, 1))
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  np.testing.assert_array_equal(labels, in_memory.labels)
+  images = np.concatenate([b['image'][b['mask']] for b in batches])
+  colour_of = images.reshape(len(images), -1, 3).mean(axis=1).argmax(axis=1)
+  np.testing.assert_array_equal(colour_of, labels)
+  shard = list(pipeline.eval_iterator(data, 'eval', 2, 1, 2))
+  np.testing.assert_array_equal(np.concatenate([b['label'][b['mask']] for b in shard]),
+                                sources.load_arrays(data, 'eval', 1, 2).labels)
+
+
+def test_folder_eval_path_errors_name_the_field(train_val, tmp_path):
+  train_dir, val_dir = train_val
+  for split in ('train', 'eval'):  # A bad eval folder fails before training.
+    with pytest.raises(ValueError, match='data.eval_path=.*data.holdout_per_class=2'):
+      sources.load_arrays(make_data(source='folder', path=train_dir, eval_path=val_dir,
+                                    holdout_per_class=2), split)
+    missing = str(tmp_path / 'missing')
+    with pytest.raises(FileNotFoundError, match='data.eval_path=.*missing.* does not exist'):
+      sources.split_info(make_data(source='folder', path=train_dir, eval_path=missing), split)
+  (tmp_path / 'val' / 'dog').mkdir()
+  _save(tmp_path / 'val' / 'dog' / '0.png', (9, 9, 9), (16, 16), 'PNG')
+  for split in ('train', 'eval'):
+    with pytest.raises(ValueError, match="data.eval_path=.*val.*lacks: dog"):
+      sources.load_arrays(make_data(source='folder', path=train_dir, eval_path=val_dir), split)
+  flat = tmp_path / 'flat'
+  flat.mkdir()
+  _save(flat / '0.png', (9, 9, 9), (16, 16), 'PNG')
+  with pytest.raises(ValueError, match='data.eval_path=.*flat.*1 unlabelled images and no '
+                                       'class sub-folders'):
+    sources.load_arrays(make_data(source='folder', path=train_dir, eval_path=str(flat)),
+                        'eval')
+  with pytest.raises(ValueError, match='data.eval_path=.*flat.* has none'):
+    sources.load_arrays(make_data(source='folder', path=str(flat), eval_path=val_dir),
+                        'train')
+  no_images = tmp_path / 'no_images'
+  (no_images / 'ant').mkdir(parents=True)
+  with pytest.raises(ValueError, match='class sub-folders of data.eval_path=.*no_images.* '
+                                       'contain no images'):
+    sources.load_arrays(make_data(source='folder', path=train_dir,
+                                  eval_path=str(no_images)), 'eval')
+  for source in ('digits', 'tfds'):  # Refused before TFDS is touched.
+    with pytest.raises(ValueError, match="data.eval_path=.*only for data.source='folder'"):
+      sources.split_info(make_data(source=source, eval_path=val_dir), 'train')
+
+
 def test_streaming_folder_with_corrupt_file(image_folder):
   from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
   data = make_data(source='folder', path=image_folder, holdout_per_class=2, image_size=12)
-  stream = pipeline.train_iterator(data, make_aug(), 4, seed=0, shard_index=1, shard_count=2)
+  stream = pipeline.train_iterator(data, two_views(data), 4, seed=0, shard_index=1,
+                                   shard_count=2)
   train_labels = sources.load_arrays(data, 'train').labels
   for _ in range(5):  # More batches than the shard holds: the stream repeats.
     batch = next(stream)
     # 'index' is the image's position in the whole training split.
     np.testing.assert_array_equal(train_labels[batch['index']], batch['label'])
-    assert batch['view1'].shape == batch['view2'].shape == (4, 12, 12, 3)
-    assert batch['view1'].dtype == np.uint8 and batch['label'].dtype == np.int32
+    assert batch['views'][0].shape == batch['views'][1].shape == (4, 12, 12, 3)
+    assert batch['views'][0].dtype == np.uint8 and batch['label'].dtype == np.int32
     assert batch['index'].dtype == np.int32
-    for view in ('view1', 'view2'):
-      colour_of = batch[view].reshape(4, -1, 3).mean(axis=1).argmax(axis=1)
+    for view in batch['views']:
+      colour_of = view.reshape(4, -1, 3).mean(axis=1).argmax(axis=1)
       np.testing.assert_array_equal(colour_of, batch['label'])
   in_memory = sources.load_arrays(data, 'eval')
   batches = list(pipeline.eval_iterator(data, 'eval', 4, 0, 1))
@@ -218,17 +324,39 @@ def test_streaming_whole_image_crop_and_flip_unlabelled(tmp_path):
   Image.fromarray(image).save(tmp_path / 'only.png')
   aug = ml_collections.ConfigDict(
       {'crop_area': (1.0, 1.0), 'crop_aspect': (1.0, 1.0), 'flip_prob': 1.0})
-  batch = next(pipeline.train_iterator(make_data(source='folder', path=str(tmp_path)), aug,
-                                       2, seed=0, shard_index=0, shard_count=1))
+  data = make_data(source='folder', path=str(tmp_path))
+  batch = next(pipeline.train_iterator(data, two_views(data, aug), 2, seed=0, shard_index=0,
+                                       shard_count=1))
   assert batch['label'].tolist() == [-1, -1]
-  for view in (batch['view1'], batch['view2']):
+  for view in (batch['views'][0], batch['views'][1]):
     np.testing.assert_array_equal(view, np.stack([image[:, ::-1]] * 2))
+
+
+def test_streaming_views_each_have_their_own_size_and_augmentation(tmp_path):
+  """A method's views may differ: here one whole-image view at 16 px, flipped, and
+  one at 8 px, never flipped."""
+  from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(image).save(tmp_path / 'only.png')
+  whole = {'crop_area': (1.0, 1.0), 'crop_aspect': (1.0, 1.0)}
+  views = (View(ml_collections.ConfigDict({**whole, 'flip_prob': 1.0}), 16),
+           View(ml_collections.ConfigDict({**whole, 'flip_prob': 0.0}), 8))
+  data = make_data(source='folder', path=str(tmp_path))
+  batch = next(pipeline.train_iterator(data, views, 2, seed=0, shard_index=0,
+                                       shard_count=1))
+  large, small = batch['views']
+  np.testing.assert_array_equal(large, np.stack([image[:, ::-1]] * 2))
+  assert small.shape == (2, 8, 8, 3)
+  shrunk = np.asarray(Image.fromarray(image).resize((8, 8), Image.BICUBIC), np.float32)
+  # Unflipped: far closer to the image shrunk as it is than to its mirror image.
+  assert (np.abs(small[0] - shrunk).mean() <
+          0.5 * np.abs(small[0] - shrunk[:, ::-1]).mean())
 
 
 def test_streaming_rejects_digits():
   from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match='in-memory only'):
-    pipeline.train_iterator(make_data(), make_aug(), 4, 0, 0, 1)
+    pipeline.train_iterator(make_data(), two_views(make_data()), 4, 0, 0, 1)
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -300,12 +428,12 @@ def test_streaming_tfds_index_is_the_position_in_the_split(tfds_data):
   from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
   data = make_data(**{**tfds_data.to_dict(), 'train_split': 'train[5:]+test[:3]'})
   in_order = _ids(sources.load_arrays(data, 'train').images)
-  stream = pipeline.train_iterator(data, make_aug(), 4, seed=3, shard_index=1,
+  stream = pipeline.train_iterator(data, two_views(data), 4, seed=3, shard_index=1,
                                    shard_count=2)
   seen = set()
   for _ in range(6):
     batch = next(stream)
-    assert [in_order[i] for i in batch['index']] == _ids(batch['view1'])
+    assert [in_order[i] for i in batch['index']] == _ids(batch['views'][0])
     seen.update(batch['index'].tolist())
   assert seen == set(range(len(in_order) // 2, len(in_order)))   # shard 1's block
 
@@ -334,15 +462,15 @@ def test_tfds_not_prepared_explains_how_to_prepare(tmp_path, monkeypatch, name, 
 
 def test_streaming_tfds_train_views_match_labels(tfds_data):
   from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
-  stream = pipeline.train_iterator(tfds_data, make_aug(), 5, seed=1, shard_index=0,
+  stream = pipeline.train_iterator(tfds_data, two_views(tfds_data), 5, seed=1, shard_index=0,
                                    shard_count=2)
   seen = set()
   for _ in range(5):
     batch = next(stream)
-    assert batch['view1'].shape == batch['view2'].shape == (5, 16, 16, 3)
+    assert batch['views'][0].shape == batch['views'][1].shape == (5, 16, 16, 3)
     assert batch['label'].dtype == np.int32
-    ids = _ids(batch['view1'])
-    assert ids == _ids(batch['view2'])
+    ids = _ids(batch['views'][0])
+    assert ids == _ids(batch['views'][1])
     np.testing.assert_array_equal(batch['label'], np.array(ids) % 3)
     seen.update(ids)
   shard = sources.load_arrays(tfds_data, 'train', 0, 2)
@@ -370,3 +498,10 @@ def test_streaming_eval_centre_crop(tfds_data):
   data = make_data(**{**tfds_data.to_dict(), 'image_size': 14, 'eval_crop_fraction': 0.875})
   batch = next(pipeline.eval_iterator(data, 'eval', 8, 0, 1))
   assert batch['image'].shape == (8, 14, 14, 3) and batch['mask'].sum() == _TFDS_TEST
+
+
+def test_streaming_tfds_refuses_eval_path(tfds_data):
+  from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
+  data = make_data(**{**tfds_data.to_dict(), 'eval_path': '/data/val'})
+  with pytest.raises(ValueError, match="data.eval_path='/data/val' is only for"):
+    pipeline.eval_iterator(data, 'eval', 4, 0, 1)

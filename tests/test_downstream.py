@@ -12,9 +12,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import linear_eval_moco
+from contrastive import config as config_lib
 from contrastive import downstream
 from contrastive import export
 from contrastive import metrics
+from contrastive.data import in_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +96,7 @@ def test_backbone_check_sees_one_changed_value(pretrained_workdir):
 def test_killed_run_resumes_from_its_checkpoint(linear_run, tmp_path, monkeypatch, capsys):
   config, straight_workdir, results = linear_run
   expected = _losses(straight_workdir)
-  real_batch = downstream.LabelledTrainData.batch
+  real_batch = in_memory.LabelledTrainData.batch
 
   def batch_then_die(self, step):
     if step == 5:
@@ -102,11 +104,11 @@ def test_killed_run_resumes_from_its_checkpoint(linear_run, tmp_path, monkeypatc
     return real_batch(self, step)
 
   workdir = str(tmp_path / 'resumed')
-  monkeypatch.setattr(downstream.LabelledTrainData, 'batch', batch_then_die)
+  monkeypatch.setattr(in_memory.LabelledTrainData, 'batch', batch_then_die)
   with pytest.raises(KeyboardInterrupt):
     downstream.train_and_evaluate(config, workdir)
   assert set(_losses(workdir)) == {1, 2, 3, 4, 5}
-  monkeypatch.setattr(downstream.LabelledTrainData, 'batch', real_batch)
+  monkeypatch.setattr(in_memory.LabelledTrainData, 'batch', real_batch)
   resumed_results = downstream.train_and_evaluate(config, workdir)   # the same call again
   assert 'Resuming from the checkpoint of step 4' in capsys.readouterr().out
   resumed = _losses(workdir)
@@ -197,12 +199,12 @@ def test_restarted_run_keeps_its_pretrained_step(tmp_path):
 def test_config_files_fit_the_schema(name):
   module = importlib.import_module(f'configs.{name}')
   assert f'--config=configs/{name}.py' in module.__doc__
-  schema = downstream.downstream_config().to_dict()
+  schema = config_lib.downstream_config().to_dict()
   for arg in (None, *getattr(module, 'ARGS', ())):
     config = module.get_config(arg)
     assert config.to_dict().keys() == schema.keys()
     assert config.optim.to_dict().keys() == schema['optim'].keys()
-    assert config.mode in downstream.MODES
+    assert config.mode in config_lib.DOWNSTREAM_MODES
 
 
 def test_protocol_recipes():

@@ -1,6 +1,7 @@
 """MoCo and memory-bank state: EMA, queue, shuffle BN and bank updates, exactly."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive import models
 from contrastive import train
-from contrastive.methods import RunInfo, membank, moco
+from contrastive.methods import Context, RunInfo, ema, get_method, membank, moco
 
 
 def _mesh8():
@@ -22,17 +23,15 @@ def test_ema_is_exact(config):
   target = {'a': rng.normal(size=(3, 4)).astype(np.float32),
             'b': {'c': rng.normal(size=(5,)).astype(np.float32)}}
   online = jax.tree.map(lambda x: x + np.float32(1.5), target)
-  got = jax.jit(moco.ema)(target, online, jnp.float32(0.99))
+  got = jax.jit(ema.ema)(target, online, jnp.float32(0.99))
   want = jax.tree.map(lambda t, o: np.float32(0.99) * t + np.float32(1 - 0.99) * o,
                       target, online)
   # Exact up to float32 rounding (XLA may fuse the sum into one fused multiply-add).
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=5e-7), got, want)
-  config.moco.momentum, config.moco.momentum_schedule = 0.99, 'cosine'
-  assert float(moco.momentum_at(0, config.moco, 100)) == pytest.approx(0.99)
-  assert float(moco.momentum_at(50, config.moco, 100)) == pytest.approx(0.995)
-  assert float(moco.momentum_at(100, config.moco, 100)) == pytest.approx(1.0)
-  config.moco.momentum_schedule = 'constant'
-  assert float(moco.momentum_at(70, config.moco, 100)) == pytest.approx(0.99)
+  assert float(ema.momentum_at(0, 0.99, 'cosine', 100)) == pytest.approx(0.99)
+  assert float(ema.momentum_at(50, 0.99, 'cosine', 100)) == pytest.approx(0.995)
+  assert float(ema.momentum_at(100, 0.99, 'cosine', 100)) == pytest.approx(1.0)
+  assert float(ema.momentum_at(70, 0.99, 'constant', 100)) == pytest.approx(0.99)
 
 
 def test_enqueue_wraps_around():
@@ -76,20 +75,18 @@ def test_shuffle_bn_undoes_the_permutation_and_uses_permuted_sub_batches(config)
   config.moco.key_bn = 'shuffle'
   config.head.use_bn = False        # MoCo's heads; BN lives in the encoder
   mesh, n_local = _mesh8(), 4
-  model = moco.build_model(config)
+  model = moco.METHOD.build_model(config)
   images = jax.random.uniform(jax.random.key(0), (8 * n_local, 16, 16, 3))
   variables = models.with_bn_axis(model, None).init(jax.random.key(1), images[:2],
                                                     train=False)
-  method_state = {'target_params': variables['params'],
-                  'target_batch_stats': variables['batch_stats']}
   shuffle_key = jax.random.key(5)
 
-  def replica(state, views):
-    return moco.compute_keys(model, state, views, shuffle_key, 'shuffle', 'data')
+  def replica(target, views):
+    return moco.compute_keys(model, target, views, shuffle_key, 'shuffle', 'data')
 
   keys8, stats8 = jax.jit(jax.shard_map(
       replica, mesh=mesh, in_specs=(P(), P('data')), out_specs=(P('data'), P())))(
-          method_state, images)
+          ema.init(variables), images)
 
   # Reference: permute the global batch, run each device's slice with its own BN
   # statistics, put the outputs back in the original order.
@@ -116,10 +113,14 @@ def test_shuffle_bn_undoes_the_permutation_and_uses_permuted_sub_batches(config)
                          want, atol=1e-3)
 
 
+def _bank_context(config, axis_name=None):
+  run = RunInfo(num_examples=30, num_devices=8, global_batch_size=8, total_steps=1)
+  return Context(model=None, config=config, run=run, axis_name=axis_name)
+
+
 def test_memory_bank_update_is_exact(config):
   config.membank.momentum = 0.5
-  run = RunInfo(num_examples=30, num_devices=8, global_batch_size=8, total_steps=1)
-  bank = np.asarray(membank.init_method_state(config, None, run, jax.random.key(0))['bank'])
+  bank = np.asarray(membank.init_state(_bank_context(config), None, jax.random.key(0))['bank'])
   assert bank.shape == (32, config.head.out_dim)              # 30 rounded up to 8 shards
   np.testing.assert_allclose(np.linalg.norm(bank[:30], axis=1), 1.0, rtol=1e-6)
   index = np.array([29, 0, 7, 8, 15, 16, 3, 22], np.int32)
@@ -128,7 +129,7 @@ def test_memory_bank_update_is_exact(config):
       np.float32)
 
   def replica(state, for_update):
-    return membank.update_method_state(state, None, for_update, 0, config, run, 'data')
+    return membank.update_state(_bank_context(config, 'data'), state, None, for_update, 0)
 
   got = np.asarray(jax.jit(jax.shard_map(
       replica, mesh=_mesh8(), in_specs=(P('data'), P('data')), out_specs=P('data')))(
@@ -142,8 +143,7 @@ def test_memory_bank_update_is_exact(config):
 
 
 def test_memory_bank_reads_rows_across_shards(config):
-  run = RunInfo(num_examples=30, num_devices=8, global_batch_size=8, total_steps=1)
-  bank = membank.init_method_state(config, None, run, jax.random.key(0))['bank']
+  bank = membank.init_state(_bank_context(config), None, jax.random.key(0))['bank']
   rows = jnp.asarray([31, 0, 4, 5, 17, 29], jnp.int32)
   got = jax.jit(jax.shard_map(lambda b: membank.read_rows(b, rows, 'data'), mesh=_mesh8(),
                               in_specs=P('data'), out_specs=P()))(bank)
@@ -170,3 +170,28 @@ def test_symmetric_queue_needs_two_keys_per_image(config):
   config.moco.queue_size = 48                    # a multiple of 16, not of 32
   with pytest.raises(ValueError, match=r'32 \(global batch 16 x 2 views'):
     train.train_and_evaluate(config, '/tmp/unused-workdir-for-config-errors')
+
+
+@pytest.mark.parametrize('method,field,value,message', [
+    ('simclr', 'simclr.temperature', 0.0, r'config.simclr.temperature=0.0 must be > 0'),
+    ('moco', 'moco.temperature', -0.1, r'config.moco.temperature=-0.1 must be > 0'),
+    ('moco', 'moco.momentum', 1.5, r'config.moco.momentum=1.5 must lie in \[0, 1\]'),
+    ('membank', 'membank.temperature', 0.0, r'config.membank.temperature=0.0 must be > 0'),
+    ('membank', 'membank.momentum', 1.0, r'config.membank.momentum=1.0 must lie in \[0, 1\)'),
+    ('membank', 'membank.num_negatives', -1, r'num_negatives=-1 must be >= 0'),
+])
+def test_method_sections_are_checked_before_any_data_is_read(config, monkeypatch, method,
+                                                             field, value, message):
+  from contrastive.data import sources  # pylint: disable=import-outside-toplevel
+
+  def no_data(*args, **kwargs):
+    raise AssertionError('data was read before the config was checked')
+
+  monkeypatch.setattr(sources, 'load_arrays', no_data)
+  config.method = method
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, '/tmp/unused-workdir-for-config-errors')
+  # The same message comes from the method alone, before the trainer adds its own.
+  assert any(re.search(message, problem) for problem in get_method(method).check_config(config))

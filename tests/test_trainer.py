@@ -9,8 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from contrastive import loop
 from contrastive import metrics
 from contrastive import train
+from contrastive.data import in_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,18 +39,18 @@ def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch)
   total = max(expected)
   assert total >= 6
 
-  real_batch = train.InMemoryTrainData.batch
+  real_batch = in_memory.InMemoryTrainData.batch
 
   def batch_then_die(self, step):
     if step == 5:
       raise KeyboardInterrupt('simulated kill')
     return real_batch(self, step)
 
-  monkeypatch.setattr(train.InMemoryTrainData, 'batch', batch_then_die)
+  monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', batch_then_die)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert set(_losses(tmp_path / 'resumed')) == {1, 2, 3, 4, 5}
-  monkeypatch.setattr(train.InMemoryTrainData, 'batch', real_batch)
+  monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', real_batch)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))   # the same command again
   resumed = _losses(tmp_path / 'resumed')
   assert sorted(resumed) == sorted(expected)
@@ -60,8 +62,8 @@ def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch)
   resumed_state = _final_method_state(tmp_path / 'resumed', total)
   assert int(resumed_state['queue_pointer']) == int(straight_state['queue_pointer'])
   np.testing.assert_allclose(resumed_state['queue'], straight_state['queue'], atol=1e-6)
-  np.testing.assert_allclose(resumed_state['target_params']['head']['Dense_0']['kernel'],
-                             straight_state['target_params']['head']['Dense_0']['kernel'],
+  np.testing.assert_allclose(resumed_state['target']['params']['head']['Dense_0']['kernel'],
+                             straight_state['target']['params']['head']['Dense_0']['kernel'],
                              atol=1e-6)
 
 
@@ -206,7 +208,7 @@ def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
   monkeypatch.setattr(sources, 'load_arrays', fake_load)
   mesh = parallel.make_mesh()
   assert mesh.devices.size == jax.device_count() == 8
-  data = train.InMemoryTrainData(config.data, mesh, per_device_batch=3, seed=5)
+  data = in_memory.InMemoryTrainData(config.data, mesh, per_device_batch=3, seed=5)
   assert data.num_examples == total
   assert data.steps_per_epoch == (total // 8) // 3
   epoch = [data.batch(step)['image'][:, 0, 0, 0] for step in range(data.steps_per_epoch)]
@@ -221,11 +223,12 @@ def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
 
 
 def test_resuming_with_a_changed_config_warns(config, tmp_path, capsys):
-  train._record_config(config, str(tmp_path), resumed=False)
-  train._record_config(config, str(tmp_path), resumed=True)
-  assert 'WARNING' not in capsys.readouterr().out
-  config.optim.base_lr = 7.0
-  train._record_config(config, str(tmp_path), resumed=True)
+  with loop.Workdir(str(tmp_path), keep_checkpoints=1) as workdir:
+    workdir.record_config(loop.config_record(config), resumed=False)
+    workdir.record_config(loop.config_record(config), resumed=True)
+    assert 'WARNING' not in capsys.readouterr().out
+    config.optim.base_lr = 7.0
+    workdir.record_config(loop.config_record(config), resumed=True)
   output = capsys.readouterr().out
   assert 'differs' in output and 'optim.base_lr' in output
 
@@ -235,7 +238,7 @@ def test_process_block_equals_the_loaded_split(config):
   process's block as the data module loads it, labels and order included."""
   from contrastive import parallel  # pylint: disable=g-import-not-at-top
   from contrastive.data import sources  # pylint: disable=g-import-not-at-top
-  data = train.InMemoryTrainData(config.data, parallel.make_mesh(), 2, seed=0)
+  data = in_memory.InMemoryTrainData(config.data, parallel.make_mesh(), 2, seed=0)
   block = data.process_block()
   loaded = sources.load_arrays(config.data, 'train')
   np.testing.assert_array_equal(block.images, loaded.images)

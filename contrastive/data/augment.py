@@ -318,6 +318,13 @@ def augment_batch(rng, images, aug, out_size: int, crop: bool) -> jax.Array:
                         crop)
 
 
+def global_image_keys(step_key, local_batch: int, axis_name: str):
+  """One key per image of this replica, from the image's position in the global
+  batch: per-replica augmentation that does not depend on the device count."""
+  positions = jax.lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
+  return jax.vmap(jax.random.fold_in, (None, 0))(step_key, positions)
+
+
 def augment_images(keys, images, aug, out_size: int, crop: bool) -> jax.Array:
   """:func:`augment_batch` with one given key per image (``keys``: [B]).
 

@@ -18,7 +18,10 @@ from typing import Iterator
 
 import numpy as np
 
+from contrastive.data import evaluation
+from contrastive.data import folder
 from contrastive.data import sources
+from contrastive.data import tfds_source
 
 # Encoded examples held by the tfds shuffle buffer (ImageNet JPEGs average ~110 kB).
 # Image folders shuffle their whole file list instead.
@@ -27,14 +30,16 @@ _SHUFFLE_BUFFER = 10_000
 _CROP_ATTEMPTS = 10
 
 
-def train_iterator(data, aug, local_batch_size: int, seed: int, shard_index: int,
+def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: int,
                    shard_count: int) -> Iterator[dict]:
-  """Endless shuffled batches of two host-augmented views of this process's block.
+  """Endless shuffled batches of host-augmented views of this process's block.
 
-  Yields numpy dicts ``{'view1', 'view2'}`` (uint8 [b, S, S, 3]), ``'label'``
-  (int32 [b], -1 when unlabelled) and ``'index'`` (int32 [b], the image's position
-  in the split, for methods that keep per-image state); incomplete batches are
-  dropped.
+  ``views`` are the method's views (each with ``aug`` and ``size``): each gets its
+  own random resized crop (``aug.crop_area``, ``aug.crop_aspect``) to its size and
+  flip (``aug.flip_prob``). Yields numpy dicts ``{'views': (uint8 [b, S, S, 3],
+  ...), 'label': int32 [b] (-1 when unlabelled), 'index': int32 [b]}`` (the
+  image's position in the split, for methods that keep per-image state);
+  incomplete batches are dropped.
   """
   tf = sources.import_tensorflow()
   process_seed = _process_seed(seed, shard_index)
@@ -42,21 +47,19 @@ def train_iterator(data, aug, local_batch_size: int, seed: int, shard_index: int
   if encoded is None:
     raise ValueError(f'Process {shard_index} of {shard_count} has no training examples: the '
                      'split is smaller than the number of processes.')
-  size = data.image_size
-  crop_area, crop_aspect = tuple(aug.crop_area), tuple(aug.crop_aspect)
-  flip_prob = float(aug.flip_prob)
+  crops = [(int(view.size), tuple(view.aug.crop_area), tuple(view.aug.crop_aspect),
+            float(view.aug.flip_prob)) for view in views]
 
-  def two_views(index, example):
+  def augmented_views(index, example):
     image = _decode(tf, example['encoded'])
     view_seeds = tf.random.experimental.stateless_split(
-        tf.stack([tf.constant(process_seed, tf.int64), index]), 2)
-    views = [_crop_and_flip(tf, image, view_seeds[v], size, crop_area, crop_aspect, flip_prob)
-             for v in range(2)]
-    return {'view1': views[0], 'view2': views[1], 'label': example['label'],
-            'index': example['index']}
+        tf.stack([tf.constant(process_seed, tf.int64), index]), len(crops))
+    return {'views': tuple(_crop_and_flip(tf, image, view_seeds[v], *crop)
+                           for v, crop in enumerate(crops)),
+            'label': example['label'], 'index': example['index']}
 
   ds = encoded.repeat().enumerate()
-  ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(augmented_views, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()
@@ -92,19 +95,9 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
   return _pad_last(ds.as_numpy_iterator(), local_batch_size)
 
 
-def pad_batch(images, labels, batch_size: int) -> dict:
-  """A possibly short batch padded to ``batch_size``: zero images, label -1,
-  ``mask`` False on the padding, so every process runs full, equal batches."""
-  n = len(labels)
-  pad = batch_size - n
-  return {'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
-          'label': np.pad(labels, (0, pad), constant_values=-1),
-          'mask': np.arange(batch_size) < n}
-
-
 def _pad_last(batches, batch_size: int) -> Iterator[dict]:
   for batch in batches:
-    yield pad_batch(batch['image'], batch['label'], batch_size)
+    yield evaluation.pad_batch(batch['image'], batch['label'], batch_size)
 
 
 def _process_seed(seed: int, shard_index: int) -> int:
@@ -132,7 +125,7 @@ def _encoded_examples(data, split: str, shard_index: int, shard_count: int,
 
 def _folder_examples(data, split, shard_index, shard_count, shuffle_seed):
   tf = sources.import_tensorflow()
-  listing = sources.folder_split(data, split)
+  listing = folder.folder_split(data, split)
   start, stop = sources.shard_bounds(len(listing.paths), shard_index, shard_count)
   paths = listing.paths[start:stop]
   if not paths:
@@ -150,14 +143,14 @@ def _folder_examples(data, split, shard_index, shard_count, shuffle_seed):
 
 def _tfds_examples(data, split, shard_index, shard_count, shuffle_seed):
   tf = sources.import_tensorflow()
-  tfds = sources.import_tfds()
-  builder = sources.tfds_builder(data)
-  has_label, _ = sources.tfds_label_info(builder, data.name)
+  tfds = tfds_source.import_tfds()
+  builder = tfds_source.tfds_builder(data)
+  has_label, _ = tfds_source.tfds_label_info(builder, data.name)
   if not isinstance(builder.info.features['image'], tfds.features.Image):
     raise ValueError(f"Streaming needs an encoded tfds.features.Image 'image' feature; "
                      f"{data.name!r} has {builder.info.features['image']!r}.")
-  split_name = sources.tfds_split_name(data, split)
-  instruction, _ = sources.tfds_shard(builder, split_name, shard_index, shard_count)
+  split_name = tfds_source.tfds_split_name(data, split)
+  instruction, _ = tfds_source.tfds_shard(builder, split_name, shard_index, shard_count)
   if instruction is None:
     return None
   shuffle = shuffle_seed is not None
@@ -169,7 +162,7 @@ def _tfds_examples(data, split, shard_index, shard_count, shuffle_seed):
   ds = builder.as_dataset(
       split=instruction, shuffle_files=shuffle,
       decoders={'image': tfds.decode.SkipDecoding()}, read_config=read_config)
-  offsets = sources.tfds_file_offsets(builder, split_name)
+  offsets = tfds_source.tfds_file_offsets(builder, split_name)
   file_offset = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(list(offsets), list(offsets.values()),
                                           tf.string, tf.int64), default_value=-2**62)

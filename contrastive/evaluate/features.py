@@ -9,16 +9,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from contrastive import parallel
-# Only the batching helper; TensorFlow is imported inside pipeline's functions.
-from contrastive.data import pipeline
-
-
-def padded_batches(images, labels, local_batch: int):
-  """In-memory split -> ``{'image', 'label', 'mask'}`` batches, the last padded."""
-  labels = np.full(len(images), -1, np.int32) if labels is None else labels
-  for start in range(0, len(images), local_batch):
-    yield pipeline.pad_batch(images[start:start + local_batch],
-                             labels[start:start + local_batch], local_batch)
+from contrastive.data import evaluation
 
 
 def extract_features(encode_step, state, batches, mesh, local_batch: int,
@@ -28,7 +19,7 @@ def extract_features(encode_step, state, batches, mesh, local_batch: int,
   ``encode_step(state, images)`` is a per-replica function from
   :func:`parallel.per_replica`; ``batches`` yields this process's batches.
   """
-  blank = pipeline.pad_batch(np.zeros((0, *image_shape), np.uint8),
+  blank = evaluation.pad_batch(np.zeros((0, *image_shape), np.uint8),
                              np.zeros(0, np.int32), local_batch)
   features, labels = [], []
   batches = iter(batches)

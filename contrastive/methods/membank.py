@@ -14,16 +14,11 @@ on the number of devices.
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from contrastive import losses
-from contrastive import models
 from contrastive import parallel
-
-
-def build_model(config: ml_collections.ConfigDict):
-  return models.build_model(config.model, config.head)
+from contrastive.methods.contract import Batch, Context, LossOutput, Method, two_views
 
 
 def bank_rows(run) -> int:
@@ -31,16 +26,23 @@ def bank_rows(run) -> int:
   return -(-run.num_examples // run.num_devices) * run.num_devices
 
 
-def init_method_state(config, variables, run, key):
-  del variables
-  bank = config.membank
+def check_config(config) -> list[str]:
+  bank, problems = config.membank, []
   if bank.num_negatives < 0:
-    raise ValueError(f'config.membank.num_negatives={bank.num_negatives} must be >= 0 '
-                     '(0: the whole bank).')
+    problems.append(f'config.membank.num_negatives={bank.num_negatives} must be >= 0 '
+                    '(0: the whole bank).')
   if not 0.0 <= bank.momentum < 1.0:
-    raise ValueError(f'config.membank.momentum={bank.momentum} must lie in [0, 1).')
+    problems.append(f'config.membank.momentum={bank.momentum} must lie in [0, 1).')
+  if bank.temperature <= 0:
+    problems.append(f'config.membank.temperature={bank.temperature} must be > 0.')
+  return problems
+
+
+def init_state(ctx: Context, variables, key):
+  del variables
+  run = ctx.run
   embeddings = losses.l2_normalize(
-      jax.random.normal(key, (run.num_examples, config.head.out_dim), jnp.float32))
+      jax.random.normal(key, (run.num_examples, ctx.config.head.out_dim), jnp.float32))
   padding = bank_rows(run) - run.num_examples
   return {'bank': jnp.pad(embeddings, ((0, padding), (0, 0)))}
 
@@ -75,11 +77,11 @@ def read_rows(bank_shard, global_rows, axis_name):
   return values if axis_name is None else jax.lax.psum(values, axis_name)
 
 
-def loss(model, params, batch_stats, method_state, inputs, key, config, run, axis_name):
-  bank, shard = config.membank, method_state['bank']
-  index = inputs['index']
-  (features, queries), updates = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, inputs['view1'], train=True,
+def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
+  bank, shard, axis_name = ctx.config.membank, method_state['bank'], ctx.axis_name
+  index = batch.index
+  (features, queries), updates = ctx.model.apply(
+      {'params': params, 'batch_stats': batch_stats}, batch.views[0], train=True,
       mutable=['batch_stats'])
   device, rows = _shard_position(shard, axis_name)
   batch_index = _gather(index, axis_name)                    # [N]
@@ -87,34 +89,40 @@ def loss(model, params, batch_stats, method_state, inputs, key, config, run, axi
   positives = jax.lax.dynamic_slice_in_dim(read_rows(shard, batch_index, axis_name),
                                            device * index.shape[0], index.shape[0])
   if bank.num_negatives:
-    drawn = jax.random.randint(key, (bank.num_negatives,), 0, run.num_examples)
+    drawn = jax.random.randint(key, (bank.num_negatives,), 0, ctx.run.num_examples)
     owned, local_rows = _owned_rows(drawn, shard, axis_name)
     negatives, negative_rows = shard[local_rows], drawn
   else:
     negative_rows = device * rows + jnp.arange(rows)
-    owned, negatives = negative_rows < run.num_examples, shard
+    owned, negatives = negative_rows < ctx.run.num_examples, shard
   # An image's own row is its positive, never one of its negatives.
   mask = owned[None, :] & (negative_rows[None, :] != batch_index[:, None])
   value = losses.info_nce(queries, jax.lax.stop_gradient(positives), negatives,
                           bank.temperature, axis_name=axis_name, negative_mask=mask)
   for_update = {'embeddings': losses.l2_normalize(jax.lax.stop_gradient(queries)),
                 'index': index}
-  return value, {'batch_stats': updates['batch_stats'], 'for_update': for_update,
-                 'metrics': {}, 'features': features}
+  return LossOutput(loss=value, batch_stats=updates['batch_stats'], features=features,
+                    for_update=for_update)
 
 
-def update_method_state(method_state, params, for_update, step, config, run, axis_name):
+def update_state(ctx: Context, method_state, params, for_update, step):
   """Each seen image's row <- normalise(m * row + (1 - m) * its new embedding)."""
-  del params, step, run
-  shard = method_state['bank']
+  del params, step
+  shard, axis_name = method_state['bank'], ctx.axis_name
   index = _gather(for_update['index'], axis_name)
   embeddings = _gather(for_update['embeddings'], axis_name)
   owned, local = _owned_rows(index, shard, axis_name)
-  momentum = config.membank.momentum
+  momentum = ctx.config.membank.momentum
   updated = losses.l2_normalize(momentum * shard[local] + (1.0 - momentum) * embeddings)
   # Rows another device owns are written out of range, and dropped.
   target = jnp.where(owned, local, shard.shape[0])
   return {'bank': shard.at[target].set(updated, mode='drop')}
 
 
-encode = models.encoder_features
+def views(config):
+  """One view: its embedding is both the query and the bank's new row."""
+  return two_views(config)[:1]
+
+
+METHOD = Method(name='membank', loss=loss, views=views, check_config=check_config,
+                init_state=init_state, state_specs=state_specs, update_state=update_state)

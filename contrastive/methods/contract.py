@@ -1,0 +1,152 @@
+"""What a method is: plain functions with defaults, and the types they exchange.
+
+A method is one :class:`Method` value. Only ``name`` and ``loss`` are required;
+every other part has a default for a method that does not need it (two views
+with ``config.aug``, the encoder + projection head network, no state of its own,
+the encoder's features for evaluation). The trainer calls these functions and
+nothing else, so a new method is one file, with no trainer change.
+
+Each function gets a :class:`Context`: the method's network, the config, the
+:class:`RunInfo` and the mesh axis name (None outside the per-replica step).
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import ml_collections
+from jax.sharding import PartitionSpec as P
+
+from contrastive import models
+
+
+class RunInfo(NamedTuple):
+  """Facts about the run that a method's state depends on."""
+  num_examples: int         # images in the training split (memory-bank rows)
+  num_devices: int          # devices on the data axis (queue and bank shards)
+  global_batch_size: int
+  total_steps: int          # for schedules such as a cosine EMA momentum
+
+
+class Context(NamedTuple):
+  """The fixed facts a method's functions read: built once per run."""
+  model: nn.Module                    # what ``Method.build_model`` returned
+  config: ml_collections.ConfigDict
+  run: RunInfo
+  axis_name: str | None               # the mesh axis in the per-replica step
+
+
+class View(NamedTuple):
+  """One augmented view of every image: its augmentation section and size.
+
+  ``field`` is where ``aug`` sits in the config, so that a bad value is reported
+  by name (``config.aug.flip_prob``).
+  """
+  aug: ml_collections.ConfigDict
+  size: int
+  field: str = 'aug'
+
+
+class Batch(NamedTuple):
+  """What a method's loss sees of one step's input, on one replica."""
+  views: tuple[jax.Array, ...]   # float32 [b, size, size, 3], in the order of ``views``
+  index: jax.Array               # int32 [b]: each image's position in the training split
+
+
+class LossOutput(NamedTuple):
+  """What a method's per-replica loss returns.
+
+  ``loss`` is the global-batch loss, the same value on every replica (so that its
+  gradient under ``shard_map`` is the global gradient). ``features`` are the
+  encoder features of the first view, which the online probe trains on.
+  ``for_update`` carries what ``update_state`` needs from the forward pass (new
+  keys, embeddings, the target's BN statistics); ``metrics`` are extra scalars.
+  """
+  loss: jax.Array
+  batch_stats: Any
+  features: jax.Array
+  for_update: Any = ()
+  metrics: dict = {}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """The whole state of a run: what a checkpoint holds."""
+  step: jax.Array
+  params: Any           # every trained network of the method; the backbone at 'encoder'
+  batch_stats: Any
+  opt_state: Any
+  method_state: Any     # EMA targets, queues, banks: ``Method.init_state``
+  probe: Any            # online linear probe: params and optimizer state ({} when off)
+
+
+# ------------------------------------------------------------------ the defaults
+
+
+def encoder_with_head(config: ml_collections.ConfigDict) -> nn.Module:
+  """The ResNet of ``config.model`` with the projection head of ``config.head``."""
+  return models.build_model(config.model, config.head)
+
+
+def two_views(config: ml_collections.ConfigDict) -> tuple[View, ...]:
+  """Two views of each image, both with ``config.aug``, at ``data.image_size``."""
+  view = View(config.aug, config.data.image_size, 'aug')
+  return (view, view)
+
+
+def no_problems(config: ml_collections.ConfigDict) -> list[str]:
+  del config
+  return []
+
+
+def no_state(ctx: Context, variables, key):
+  del ctx, variables, key
+  return {}
+
+
+def replicated(config: ml_collections.ConfigDict):
+  del config
+  return P()
+
+
+def keep_state(ctx: Context, method_state, params, for_update, step):
+  del ctx, params, for_update, step
+  return method_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A contrastive method, as the trainer sees it.
+
+  Attributes:
+    name: what ``config.method`` says to choose it.
+    loss: ``(ctx, params, batch_stats, method_state, batch: Batch, key) ->
+      LossOutput``, per replica, written with collectives over ``ctx.axis_name``;
+      ``key`` is the step's randomness, the same on every replica.
+    build_model: ``config -> nn.Module``, every network the method trains
+      (encoder, head, predictor, classifier), called as ``model(images,
+      train=...)``; its parameters hold the backbone under ``'encoder'``, which is
+      what export and downstream evaluation read.
+    views: ``config -> tuple[View, ...]``, the views the trainer builds, each
+      image's randomness keyed by its position in the global batch.
+    check_config: ``config -> list[str]``, the problems with the method's own
+      config section, each naming its field; run before any data is read.
+    init_state: ``(ctx, variables, key) -> method_state``, the state beyond the
+      trained parameters, from the freshly initialised ``variables``.
+    state_specs: ``config -> PartitionSpec pytree prefix`` of that state: ``P()``
+      replicated, ``P('data')`` split by rows across the devices.
+    update_state: ``(ctx, method_state, params, for_update, step) ->
+      method_state`` after the optimizer step (EMA target, enqueue, bank write).
+    encode: ``(model, params, batch_stats, images) -> features`` for evaluation,
+      BatchNorm in inference mode.
+  """
+  name: str
+  loss: Callable[..., LossOutput]
+  build_model: Callable[[ml_collections.ConfigDict], nn.Module] = encoder_with_head
+  views: Callable[[ml_collections.ConfigDict], tuple[View, ...]] = two_views
+  check_config: Callable[[ml_collections.ConfigDict], list[str]] = no_problems
+  init_state: Callable[..., Any] = no_state
+  state_specs: Callable[[ml_collections.ConfigDict], Any] = replicated
+  update_state: Callable[..., Any] = keep_state
+  encode: Callable[..., jax.Array] = models.encoder_features

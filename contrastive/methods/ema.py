@@ -1,0 +1,58 @@
+"""An EMA target network: a slowly moving copy of the online network.
+
+MoCo's key encoder, BYOL's target and SimCLR v2's momentum encoder are all this:
+Flax variables ``{'params', 'batch_stats'}`` of the same network, whose parameters
+follow the online parameters as ``m * target + (1 - m) * online`` after every
+optimizer step and never receive gradients, and whose BatchNorm statistics are
+the ones its own forward passes compute. The momentum is constant or rises to 1
+on BYOL's cosine schedule.
+"""
+
+import jax
+import jax.numpy as jnp
+
+MOMENTUM_SCHEDULES = ('constant', 'cosine')
+
+
+def init(variables) -> dict:
+  """The target starts as a copy of the freshly initialised online network."""
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+def momentum_at(step, momentum: float, schedule: str, total_steps: int):
+  """The EMA momentum at ``step``: constant, or BYOL's cosine from ``momentum`` to 1."""
+  if schedule == 'constant':
+    return jnp.asarray(momentum, jnp.float32)
+  progress = jnp.minimum(step / max(total_steps, 1), 1.0)
+  return 1.0 - (1.0 - momentum) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+
+
+def ema(target, online, momentum):
+  return jax.tree.map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)
+
+
+def forward(model, target: dict, images):
+  """The target network on ``images`` in training mode, without gradients.
+
+  Returns ``(outputs, batch_stats)``: the statistics the model's BatchNorm computed
+  (over the axis it synchronises on, if any), for :func:`update`.
+  """
+  outputs, updates = model.apply(target, images, train=True, mutable=['batch_stats'])
+  return jax.lax.stop_gradient(outputs), updates['batch_stats']
+
+
+def update(target: dict, online_params, batch_stats, momentum) -> dict:
+  """After the optimizer step: parameters EMA-updated, statistics replaced."""
+  return {'params': ema(target['params'], online_params, momentum),
+          'batch_stats': batch_stats}
+
+
+def check(section, field: str) -> list[str]:
+  """Problems with a section's ``momentum`` and ``momentum_schedule`` fields."""
+  problems = []
+  if not 0.0 <= section.momentum <= 1.0:
+    problems.append(f'config.{field}.momentum={section.momentum} must lie in [0, 1].')
+  if section.momentum_schedule not in MOMENTUM_SCHEDULES:
+    problems.append(f'config.{field}.momentum_schedule={section.momentum_schedule!r}; '
+                    f'valid: {", ".join(MOMENTUM_SCHEDULES)}')
+  return problems
