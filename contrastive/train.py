@@ -149,7 +149,7 @@ def init_state(method: Method, ctx: Context, tx, mesh,
 
 def check_config(config: ml_collections.ConfigDict, method: Method) -> None:
   """The whole config, the method's section and every view's augmentation."""
-  problems = method.check_config(config)
+  problems = list(method.check_config(config))
   if config.method != method.name:
     problems.append(f'config.method={config.method!r}, but the method given is '
                     f'{method.name!r}: set config.method={method.name!r}.')

@@ -6,7 +6,16 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Many tests compile the same tiny train step (each run builds its own jitted
+# functions, so JAX's in-memory caches do not carry over). A compilation cache
+# for this pytest process only lets later identical programs skip XLA.
+jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='jax-cache-'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def tiny_config():

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from contrastive import models
 from contrastive import train
 from contrastive.methods import Context, RunInfo, ema, get_method, membank, moco
+from tests import tolerances
 
 
 def _mesh8():
@@ -101,10 +102,9 @@ def test_shuffle_bn_undoes_the_permutation_and_uses_permuted_sub_batches(config)
     outputs[rows] = np.asarray(proj)
     device_stats.append(updates['batch_stats'])
   want = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
-  np.testing.assert_allclose(keys8, want, rtol=1e-4, atol=1e-5)
+  tolerances.assert_close(keys8, want, rtol=1e-4)   # 8 devices vs a per-device loop
   mean_stats = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *device_stats)
-  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
-               stats8, mean_stats)
+  tolerances.assert_trees_close(stats8, mean_stats, rtol=1e-4)
   # Per-device BN on the unshuffled sub-batches would have given other keys.
   unshuffled = np.concatenate([
       np.asarray(local_apply(variables, images[d * n_local:(d + 1) * n_local])[0][1])

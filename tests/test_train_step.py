@@ -3,15 +3,7 @@
 Same global batch, same state: loss, gradients, updated parameters, optimizer
 state, BatchNorm statistics and the method's own state (EMA target, queue,
 memory bank) must agree to float32 round-off, for every method.
-
-Tolerances. 8 devices sum the batch in another order than 1 device, so float32
-results differ in their last bits, by an amount that scales with the magnitude of
-the summed terms, and it differs between CPUs. Each compared tensor therefore gets
-an absolute tolerance of ``SCALE_TOLERANCE`` times its own largest magnitude
-(plus ``RTOL`` per element). That is still about 1000 times tighter than the
-bugs this guards against: gradients n = 8 times too large make every gradient,
-momentum trace and update differ by ~7x their own size, and BN statistics
-without their cross-replica mean differ by several percent of their scale.
+The tolerances are scaled to each tensor's magnitude: see ``tests/tolerances.py``.
 """
 
 import jax
@@ -26,9 +18,8 @@ from contrastive import train
 from contrastive.evaluate import online_probe
 from contrastive.methods import Batch, Context, RunInfo, get_method
 from contrastive.methods import moco
+from tests import tolerances
 
-RTOL = 2e-4
-SCALE_TOLERANCE = 1e-4     # x the tensor's largest magnitude: see the docstring
 NUM_EXAMPLES = 100
 
 
@@ -80,15 +71,7 @@ def _canonical(config, method_state, num_devices):
   return method_state
 
 
-def _assert_close(got, want):
-  """Equal up to float32 reordering, relative to ``want``'s own scale (docstring)."""
-  want = np.asarray(want)
-  scale = float(np.max(np.abs(want))) if want.size else 0.0
-  np.testing.assert_allclose(got, want, rtol=RTOL, atol=SCALE_TOLERANCE * scale)
-
-
-def _assert_trees_close(a, b):
-  jax.tree.map(_assert_close, a, b)
+_assert_trees_close = tolerances.assert_trees_close
 
 
 def _configure(config, method):

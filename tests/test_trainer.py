@@ -12,7 +12,7 @@ import pytest
 from contrastive import loop
 from contrastive import metrics
 from contrastive import train
-from contrastive.data import in_memory
+from contrastive.data import in_memory as in_memory_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,18 +39,18 @@ def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch)
   total = max(expected)
   assert total >= 6
 
-  real_batch = in_memory.InMemoryTrainData.batch
+  real_batch = in_memory_data.InMemoryTrainData.batch
 
   def batch_then_die(self, step):
     if step == 5:
       raise KeyboardInterrupt('simulated kill')
     return real_batch(self, step)
 
-  monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', batch_then_die)
+  monkeypatch.setattr(in_memory_data.InMemoryTrainData, 'batch', batch_then_die)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert set(_losses(tmp_path / 'resumed')) == {1, 2, 3, 4, 5}
-  monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', real_batch)
+  monkeypatch.setattr(in_memory_data.InMemoryTrainData, 'batch', real_batch)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))   # the same command again
   resumed = _losses(tmp_path / 'resumed')
   assert sorted(resumed) == sorted(expected)
@@ -190,6 +190,41 @@ def test_image_folder_run_trains_and_evaluates(config, tmp_path, capsys, in_memo
     assert '1 unreadable file(s) skipped' in output
 
 
+def test_separate_evaluation_folder_serves_monitor_final_and_downstream(config, tmp_path):
+  """train/ and val/ folders: training reads all of train/, and the kNN monitor,
+  the final evaluation and contrastive.downstream read val/."""
+  from contrastive import downstream  # pylint: disable=g-import-not-at-top
+  from configs import linear_eval_simclr  # pylint: disable=g-import-not-at-top
+  _image_folder(tmp_path / 'train')
+  _image_folder(tmp_path / 'val', per_class=4)
+  config.data.source = 'folder'
+  config.data.path = str(tmp_path / 'train')
+  config.data.eval_path = str(tmp_path / 'val')
+  config.data.holdout_per_class = 0
+  config.data.eval_crop_fraction = 1.0
+  config.num_epochs = 1.0
+  config.eval.enabled = True
+  config.eval.compare_random_init = False
+  config.eval.batch_size = 16
+  config.eval.knn_k = 5
+  config.eval.knn_every_epochs = 0.5
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  # All 72 readable training images, batch 16: 4 steps; the monitor every 2.
+  assert sorted(_losses(tmp_path / 'run')) == [1, 2, 3, 4]
+  records = metrics.read_metrics(tmp_path / 'run')
+  assert sorted(s for s, r in records.items() if 'monitor/knn_accuracy' in r) == [2, 4]
+  assert results['trained']['knn_accuracy'] > 0.9
+
+  linear = linear_eval_simclr.get_config()
+  linear.pretrained = str(tmp_path / 'run')
+  linear.global_batch_size = 16
+  linear.num_epochs = 0.5
+  linear.eval_batch_size = 16
+  figures = downstream.train_and_evaluate(linear, str(tmp_path / 'linear'))
+  assert figures['num_eval_images'] == 12                # val/: 3 classes x 4
+  assert figures['num_train_images'] == 72
+
+
 def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
   """Images carry their index as pixel value; an epoch draws each index of a
   device's block once, and a batch depends only on the step."""
@@ -208,7 +243,7 @@ def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
   monkeypatch.setattr(sources, 'load_arrays', fake_load)
   mesh = parallel.make_mesh()
   assert mesh.devices.size == jax.device_count() == 8
-  data = in_memory.InMemoryTrainData(config.data, mesh, per_device_batch=3, seed=5)
+  data = in_memory_data.InMemoryTrainData(config.data, mesh, per_device_batch=3, seed=5)
   assert data.num_examples == total
   assert data.steps_per_epoch == (total // 8) // 3
   epoch = [data.batch(step)['image'][:, 0, 0, 0] for step in range(data.steps_per_epoch)]
@@ -220,6 +255,32 @@ def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
   np.testing.assert_array_equal(data.batch(4)['image'], data.batch(4)['image'])
   next_epoch = data.batch(data.steps_per_epoch)['image']
   assert not np.array_equal(next_epoch, epoch[0])            # reshuffled each epoch
+
+
+def test_in_memory_split_indices_stay_dense_when_files_are_unreadable(config, monkeypatch):
+  """Blocks are cut from the file list before decoding: a block that lost files
+  to corruption is shorter, and the split indices the batches carry still number
+  the decoded images 0..N-1, each once."""
+  from contrastive import parallel  # pylint: disable=g-import-not-at-top
+  from contrastive.data import sources  # pylint: disable=g-import-not-at-top
+  files, unreadable = 80, {13, 14, 15, 40}      # device 1 loses 3 of 10, device 4 one
+
+  def fake_load(data, split, shard_index, shard_count):
+    start, stop = sources.shard_bounds(files, shard_index, shard_count)
+    kept = np.array([f for f in range(start, stop) if f not in unreadable])
+    images = np.broadcast_to(kept[:, None, None, None], (len(kept), 1, 1, 1))
+    return sources.ImageArrays(images.astype(np.int32), kept.astype(np.int32), 10,
+                               skipped=stop - start - len(kept))
+
+  monkeypatch.setattr(sources, 'load_arrays', fake_load)
+  data = in_memory_data.InMemoryTrainData(config.data, parallel.make_mesh(),
+                                          per_device_batch=7, seed=0)
+  assert (data.num_examples, data.skipped, data.steps_per_epoch) == (76, 4, 1)
+  decoded = [f for f in range(files) if f not in unreadable]   # index -> file number
+  batch = data.batch(0)
+  assert len(set(batch['index'])) == len(batch['index'])
+  np.testing.assert_array_equal(np.asarray(decoded)[batch['index']],
+                                batch['image'][:, 0, 0, 0])
 
 
 def test_resuming_with_a_changed_config_warns(config, tmp_path, capsys):
@@ -238,7 +299,7 @@ def test_process_block_equals_the_loaded_split(config):
   process's block as the data module loads it, labels and order included."""
   from contrastive import parallel  # pylint: disable=g-import-not-at-top
   from contrastive.data import sources  # pylint: disable=g-import-not-at-top
-  data = in_memory.InMemoryTrainData(config.data, parallel.make_mesh(), 2, seed=0)
+  data = in_memory_data.InMemoryTrainData(config.data, parallel.make_mesh(), 2, seed=0)
   block = data.process_block()
   loaded = sources.load_arrays(config.data, 'train')
   np.testing.assert_array_equal(block.images, loaded.images)

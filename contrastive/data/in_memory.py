@@ -35,16 +35,20 @@ class InMemoryTrainData:
     self._labels = [np.full(len(block.images), -1, np.int32) if block.labels is None
                     else block.labels for block in blocks]
     self.num_classes = blocks[0].num_classes
+    # Blocks are cut from the file list before decoding, so an unreadable file
+    # shortens its block: sizes and starts come from every device's decoded block.
+    lengths = np.zeros(num_devices, np.int64)
+    lengths[self._positions] = [len(images) for images in self._images]
+    lengths = np.asarray(multihost_utils.process_allgather(lengths)).reshape(
+        -1, num_devices).sum(axis=0)
+    self.num_examples = int(lengths.sum())
     skipped = sum(block.skipped for block in blocks)
-    local_size = sum(len(images) for images in self._images)
-    self.num_examples = int(np.sum(multihost_utils.process_allgather(
-        np.asarray(local_size))))
     self.skipped = int(np.sum(multihost_utils.process_allgather(np.asarray(skipped))))
     # Where each device's block starts in the split: images carry their split index.
-    self._starts = [sources.shard_bounds(self.num_examples, d, num_devices)[0]
-                    for d in self._positions]
-    # Blocks differ in size by at most one image: all use the smallest length.
-    self._block_length = self.num_examples // num_devices
+    starts = np.cumsum(lengths) - lengths
+    self._starts = [int(starts[d]) for d in self._positions]
+    # Every device draws the same number of images per epoch: the shortest block's.
+    self._block_length = int(lengths.min())
     self._batch = per_device_batch
     self._seed = seed
     self.steps_per_epoch = self._block_length // per_device_batch
