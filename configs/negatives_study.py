@@ -11,9 +11,8 @@ On a GPU, widen the budget: ``--config.base.model.width=1.0
 --config.base.num_epochs=200``.
 """
 
-import ml_collections
-
 from configs import moco_v2_cifar10
+from contrastive.config import negatives_study_config
 
 
 def get_config(arg=None):
@@ -31,11 +30,6 @@ def get_config(arg=None):
   base.eval.compare_random_init = False
   base.eval.probe_epochs = 30
 
-  config = ml_collections.ConfigDict()
+  config = negatives_study_config()
   config.base = base
-  config.temperature = 0.1
-  config.batch_size = 128                  # memory bank and MoCo
-  config.simclr_batch_sizes = (32, 128, 512)
-  config.membank_negatives = (256, 1024, 4096)
-  config.moco_queue_sizes = (256, 1024, 4096)
   return config

@@ -142,6 +142,18 @@ def downstream_config() -> ml_collections.ConfigDict:
   return config
 
 
+def negatives_study_config() -> ml_collections.ConfigDict:
+  """Every field of a negatives study (``contrastive.studies.negatives``)."""
+  config = ml_collections.ConfigDict()
+  config.base = base_config()              # what every run shares
+  config.temperature = 0.1                 # every method's softmax temperature
+  config.batch_size = 128                  # memory bank and MoCo
+  config.simclr_batch_sizes = (32, 128, 512)        # 2B - 2 negatives each
+  config.membank_negatives = (256, 1024, 4096)
+  config.moco_queue_sizes = (256, 1024, 4096)
+  return config
+
+
 # ----------------------------------------------------------------------------- validation
 #
 # Each ``*_problems`` function returns the problems it finds as strings, ``[]`` when

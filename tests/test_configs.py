@@ -294,3 +294,14 @@ def test_validation_needs_neither_tensorflow_nor_data():
   result = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(CONFIG_DIR),
                           capture_output=True, text=True, check=True, timeout=120)
   assert result.stdout == "config.optim.name='lamb'; valid: lars, sgd, adamw\n"
+
+
+def test_negatives_study_checks_every_run_before_training_any(tmp_path):
+  from configs import negatives_study  # pylint: disable=import-outside-toplevel
+  from contrastive.studies import negatives  # pylint: disable=import-outside-toplevel
+  config = negatives_study.get_config()
+  config.base.data.path = str(tmp_path)
+  config.moco_queue_sizes = (256, 1000)       # the last run's queue: not x 128
+  with pytest.raises(ValueError, match=r'config.moco.queue_size=1000 must be a positive'):
+    negatives.run_study(config, str(tmp_path / 'study'))
+  assert not os.path.exists(tmp_path / 'study')     # no run started

@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from contrastive import command_line
 from contrastive import train
+from contrastive.methods import get_method
 
 STUDY_METHODS = ('simclr', 'membank', 'moco')
 
@@ -60,8 +61,11 @@ def planned_runs(config: ml_collections.ConfigDict) -> list[dict]:
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains every planned run (skipping finished ones) and writes the summary."""
+  runs = planned_runs(config)
+  for run in runs:           # every run's config, before the first one trains for an hour
+    train.check_config(run['config'], get_method(run['method']))
   rows = []
-  for run in planned_runs(config):
+  for run in runs:
     run_dir = os.path.join(workdir, f'{run["method"]}_{run["negatives"]}')
     row_path = os.path.join(run_dir, 'study_row.json')
     if os.path.exists(row_path):
