@@ -83,12 +83,11 @@ def _overrides(config):
       ('eval.enabled', False)]]
 
 
-def test_two_processes_match_one_process(config, tmp_path):
-  """2 processes x 4 devices (gloo over loopback) give the loss sequence of 1 x 8."""
-  config.num_epochs = 0.05     # 4 steps
-  train.train_and_evaluate(config, str(tmp_path / 'one'))
-  expected = _losses(tmp_path / 'one')
-  assert len(expected) == 4
+def test_two_processes_match_one_process(config, tmp_path, pretrained_workdir):
+  """2 processes x 4 devices (gloo over loopback) give the loss sequence of 1 x 8:
+  the shared tiny run of the unchanged test config."""
+  expected = _losses(pretrained_workdir)
+  assert len(expected) == 8
 
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
@@ -158,20 +157,26 @@ def _image_folder(root, classes=3, per_class=24, size=20):
   (root / 'class0' / 'broken.jpg').write_bytes(b'not an image at all')
 
 
-@pytest.mark.parametrize('in_memory', [True, False])
-def test_image_folder_run_trains_and_evaluates(config, tmp_path, capsys, in_memory):
-  _image_folder(tmp_path / 'images')
+def _folder_run(config, path, knn_every_epochs: float):
+  """The tiny config on an image folder for one epoch, with kNN during and after."""
   config.data.source = 'folder'
-  config.data.path = str(tmp_path / 'images')
-  config.data.holdout_per_class = 4
-  config.data.in_memory = in_memory
+  config.data.path = str(path)
   config.data.eval_crop_fraction = 1.0
   config.num_epochs = 1.0
   config.eval.enabled = True
   config.eval.compare_random_init = False
   config.eval.batch_size = 16
   config.eval.knn_k = 5
-  config.eval.knn_every_epochs = 0.67       # every 2 of the 3 steps, and at the end
+  config.eval.knn_every_epochs = knn_every_epochs
+  return config
+
+
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_image_folder_run_trains_and_evaluates(config, tmp_path, capsys, in_memory):
+  _image_folder(tmp_path / 'images')
+  _folder_run(config, tmp_path / 'images', 0.67)   # every 2 of the 3 steps, and at the end
+  config.data.holdout_per_class = 4
+  config.data.in_memory = in_memory
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   # 3 classes x 20 training images (the corrupt file skipped), batch 16: 3 steps.
   assert sorted(_losses(tmp_path / 'run')) == [1, 2, 3]
@@ -197,17 +202,9 @@ def test_separate_evaluation_folder_serves_monitor_final_and_downstream(config, 
   from configs import linear_eval_simclr  # pylint: disable=g-import-not-at-top
   _image_folder(tmp_path / 'train')
   _image_folder(tmp_path / 'val', per_class=4)
-  config.data.source = 'folder'
-  config.data.path = str(tmp_path / 'train')
+  _folder_run(config, tmp_path / 'train', 0.5)
   config.data.eval_path = str(tmp_path / 'val')
   config.data.holdout_per_class = 0
-  config.data.eval_crop_fraction = 1.0
-  config.num_epochs = 1.0
-  config.eval.enabled = True
-  config.eval.compare_random_init = False
-  config.eval.batch_size = 16
-  config.eval.knn_k = 5
-  config.eval.knn_every_epochs = 0.5
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   # All 72 readable training images, batch 16: 4 steps; the monitor every 2.
   assert sorted(_losses(tmp_path / 'run')) == [1, 2, 3, 4]
