@@ -269,7 +269,6 @@ def _run(config, run_dir: loop.Workdir) -> dict:
   loaded = jax.tree.map(np.array, pretrained.variables)   # host copy for the final check
   data = _resolve_data(config.data, pretrained.config.data)
   aug = _train_aug(config, pretrained.config.aug)
-  config_lib.raise_if(config_lib.check_augmentation(aug, 'aug'))
   linear = config.mode == 'linear'
 
   # --- mesh and data

@@ -144,7 +144,7 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 def train(workdir: Workdir, state, train_step, batches: Iterator[dict], mesh, *,
           start_step: int, num_steps: int, steps_per_epoch: float, global_batch: int,
           log_every: int, checkpoint_every: int,
-          console=(('lr', 'learning_rate', '.4g'),),
+          console=metrics_lib.CONSOLE,
           monitor: Callable[[int, object], dict] | None = None):
   """Runs ``train_step(state, batch) -> (state, scalars)`` up to ``num_steps``.
 

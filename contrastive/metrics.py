@@ -89,6 +89,11 @@ class Progress:
     return self._figures
 
 
+# What the console line shows besides step, epoch, loss, images/s and ETA:
+# (label, scalar, format) triples.
+CONSOLE = (('lr', 'learning_rate', '.4g'),)
+
+
 class StepLogger:
   """What a training loop does after each step.
 
@@ -101,7 +106,7 @@ class StepLogger:
 
   def __init__(self, writer: MetricWriter, start_step: int, total_steps: int,
                global_batch: int, steps_per_epoch: float, log_every: int,
-               checkpoint_dir: str, console=(('lr', 'learning_rate', '.4g'),)):
+               checkpoint_dir: str, console=CONSOLE):
     self._writer, self._start, self._total = writer, start_step, total_steps
     self._progress = Progress(start_step, total_steps, global_batch)
     self._steps_per_epoch, self._log_every = steps_per_epoch, log_every

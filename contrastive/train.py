@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     steps_per_epoch = num_examples // config.global_batch_size
   num_steps = loop.total_steps(config.num_epochs, steps_per_epoch)
   run = RunInfo(num_examples=num_examples, num_devices=layout.mesh.devices.size,
-                global_batch_size=config.global_batch_size, total_steps=num_steps)
+                total_steps=num_steps)
   ctx = Context(model=method.build_model(config), config=config, run=run, axis_name=AXIS)
 
   # --- state

@@ -114,7 +114,7 @@ def test_shuffle_bn_undoes_the_permutation_and_uses_permuted_sub_batches(config)
 
 
 def _bank_context(config, axis_name=None):
-  run = RunInfo(num_examples=30, num_devices=8, global_batch_size=8, total_steps=1)
+  run = RunInfo(num_examples=30, num_devices=8, total_steps=1)
   return Context(model=None, config=config, run=run, axis_name=axis_name)
 
 

@@ -31,8 +31,7 @@ def _mesh(num_devices):
 def _setup(config, num_devices, probe=None):
   """Method, its context, optimizer, the initial state on an n-device mesh, a batch."""
   method = get_method(config.method)
-  run = RunInfo(num_examples=NUM_EXAMPLES, num_devices=num_devices,
-                global_batch_size=config.global_batch_size, total_steps=10)
+  run = RunInfo(num_examples=NUM_EXAMPLES, num_devices=num_devices, total_steps=10)
   ctx = Context(model=method.build_model(config), config=config, run=run, axis_name='data')
   schedule = optim.learning_rate_schedule(0.5, 2, 10)
   tx = optim.make_optimizer(config.optim, schedule)

@@ -26,7 +26,6 @@ class RunInfo(NamedTuple):
   """Facts about the run that a method's state depends on."""
   num_examples: int         # images in the training split (memory-bank rows)
   num_devices: int          # devices on the data axis (queue and bank shards)
-  global_batch_size: int
   total_steps: int          # for schedules such as a cosine EMA momentum
 
 
