@@ -43,6 +43,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.membank.momentum = 0.5            # bank row <- m * row + (1 - m) * new embedding
   config.membank.temperature = 0.07
 
+  config.instance_cls = ml_collections.ConfigDict()
+  config.instance_cls.temperature = 0.2    # cosine logits / T (normalize=True)
+  config.instance_cls.normalize = True     # L2-normalised rows and features
+  config.instance_cls.contrastive_prior = True  # rows <- the random network's features
+  config.instance_cls.smoothing = 0.0      # alpha: target 1 - alpha on i, alpha / K on its K
+  config.instance_cls.smoothing_neighbours = 5  # K most similar rows, found once an epoch
+  config.instance_cls.neighbour_chunk = 1024    # rows scored at a time by that search
+
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet50'           # resnet10/18/34/50/101/152
   config.model.width = 1.0                 # channel multiplier
@@ -151,6 +159,9 @@ def negatives_study_config() -> ml_collections.ConfigDict:
   config.simclr_batch_sizes = (32, 128, 512)        # 2B - 2 negatives each
   config.membank_negatives = (256, 1024, 4096)
   config.moco_queue_sizes = (256, 1024, 4096)
+  # Instance classification, all N - 1 other images as negatives: one run per
+  # (contrastive prior, label smoothing alpha) pair.
+  config.instance_cls_variants = ((False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2))
   return config
 
 

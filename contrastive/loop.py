@@ -145,18 +145,23 @@ def train(workdir: Workdir, state, train_step, batches: Iterator[dict], mesh, *,
           start_step: int, num_steps: int, steps_per_epoch: float, global_batch: int,
           log_every: int, checkpoint_every: int,
           console=metrics_lib.CONSOLE,
-          monitor: Callable[[int, object], dict] | None = None):
+          monitor: Callable[[int, object], dict] | None = None,
+          epoch_start: Callable[[object], object] | None = None):
   """Runs ``train_step(state, batch) -> (state, scalars)`` up to ``num_steps``.
 
-  ``batches`` yields this process's host batches from ``start_step`` on. After
-  each step the scalars are logged (see :class:`metrics.StepLogger`), ``monitor(
-  step, state)`` may return figures to record, and the state is checkpointed
-  every ``checkpoint_every`` steps and at the end. Returns the final state.
+  ``batches`` yields this process's host batches from ``start_step`` on.
+  ``epoch_start(state) -> state`` runs before the first step of every epoch
+  (also when a resumed run starts at one). After each step the scalars are logged
+  (see :class:`metrics.StepLogger`), ``monitor(step, state)`` may return figures
+  to record, and the state is checkpointed every ``checkpoint_every`` steps and
+  at the end. Returns the final state.
   """
   log = metrics_lib.StepLogger(workdir.writer, start_step, num_steps, global_batch,
                                steps_per_epoch, log_every, workdir.manager.directory,
                                console=console)
   for step, batch in zip(range(start_step, num_steps), batches):
+    if epoch_start is not None and step % steps_per_epoch == 0:
+      state = epoch_start(state)
     state, scalars = train_step(state, parallel.host_to_global(batch, mesh))
     done = step + 1
     log.after_step(done, scalars)

@@ -51,15 +51,40 @@ def nt_xent(z1, z2, temperature: float, axis_name: str | None = None):
   return loss
 
 
+def sharded_logsumexp(local_logits, axis_name: str | None = None, extra=None):
+  """``logsumexp`` of each row over the union of every device's columns.
+
+  Each device reduces its own columns to a max and a sum of exponentials, and the
+  results are combined with one ``pmax`` and one ``psum``: no device holds all
+  columns.
+
+  Args:
+    local_logits: ``[m, c_local]``, this device's columns for the same ``m`` rows
+      on every device (``-inf``: not a column).
+    axis_name: the mesh axis the columns are split over; None for one device.
+    extra: optional ``[m]``, one more column, the same on every device (counted once).
+  """
+  row_max = jnp.max(local_logits, axis=-1)
+  if extra is not None:
+    row_max = jnp.maximum(row_max, extra)
+  row_max = jax.lax.stop_gradient(row_max)
+  if axis_name is not None:
+    row_max = jax.lax.pmax(row_max, axis_name)
+  total = jnp.sum(jnp.exp(local_logits - row_max[:, None]), axis=-1)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  if extra is not None:
+    total = total + jnp.exp(extra - row_max)
+  return row_max + jnp.log(total)
+
+
 def sharded_cross_entropy(positive_logits, local_negative_logits,
                           axis_name: str | None = None, negative_mask=None):
   """Per-row cross-entropy of a positive against negatives split across devices.
 
   The negatives of every row are the union of each device's
-  ``local_negative_logits``: a queue, a memory bank or a classifier whose rows are
-  sharded, so no device ever holds all of them. Each device reduces its own
-  columns to a max and a sum of exponentials, and the log-sum-exp is combined
-  with one ``pmax`` and one ``psum``.
+  ``local_negative_logits``: a queue or a memory bank whose rows are sharded, so
+  no device ever holds all of them (:func:`sharded_logsumexp`).
 
   Args:
     positive_logits: ``[m]``, the same rows on every device.
@@ -74,15 +99,39 @@ def sharded_cross_entropy(positive_logits, local_negative_logits,
   negatives = local_negative_logits
   if negative_mask is not None:
     negatives = jnp.where(negative_mask, negatives, -jnp.inf)
-  row_max = jax.lax.stop_gradient(
-      jnp.maximum(positive_logits, jnp.max(negatives, axis=-1)))
+  return sharded_logsumexp(negatives, axis_name, extra=positive_logits) - positive_logits
+
+
+def sharded_soft_cross_entropy(local_logits, column_offset, targets, target_weights,
+                               axis_name: str | None = None, column_mask=None):
+  """Cross-entropy against soft targets, the classes split across devices.
+
+  A classifier whose N classes are sharded by rows: each device holds the logits
+  of every row against its own classes only, ``[m, c_local]``, columns
+  ``column_offset ..`` of the N. The log-sum-exp is :func:`sharded_logsumexp`;
+  each target's logit comes from the device that owns its class (one ``psum``).
+
+  Args:
+    local_logits: ``[m, c_local]``, the same ``m`` rows on every device.
+    column_offset: the global class of this device's first column.
+    targets: ``[m, t]`` int, global classes, the same on every device.
+    target_weights: ``[m, t]``, each row's target distribution (sums to 1).
+    axis_name: the mesh axis the classes are split over; None for one device.
+    column_mask: optional boolean ``[c_local]``: False columns are not classes.
+
+  Returns:
+    ``[m]``: ``-sum_t w_t log softmax(logits)[target_t]``.
+  """
+  logits = local_logits
+  if column_mask is not None:
+    logits = jnp.where(column_mask[None, :], logits, -jnp.inf)
+  local = targets - column_offset
+  mine = (local >= 0) & (local < logits.shape[1])
+  picked = jnp.take_along_axis(local_logits, jnp.clip(local, 0, logits.shape[1] - 1), axis=1)
+  target_logit = jnp.sum(jnp.where(mine, picked, 0.0) * target_weights, axis=1)
   if axis_name is not None:
-    row_max = jax.lax.pmax(row_max, axis_name)
-  negative_sum = jnp.sum(jnp.exp(negatives - row_max[:, None]), axis=-1)
-  if axis_name is not None:
-    negative_sum = jax.lax.psum(negative_sum, axis_name)
-  log_sum_exp = row_max + jnp.log(jnp.exp(positive_logits - row_max) + negative_sum)
-  return log_sum_exp - positive_logits
+    target_logit = jax.lax.psum(target_logit, axis_name)
+  return sharded_logsumexp(logits, axis_name) - target_logit
 
 
 def info_nce(q, k, negatives, temperature: float, axis_name: str | None = None,

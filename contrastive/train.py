@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -65,6 +66,8 @@ def make_train_step(method: Method, ctx: Context, tx, schedule,
   config = ctx.config
   views = method.views(config)
 
+  sharded = method.param_specs(config)
+
   def train_step(state: TrainState, batch):
     step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
     inputs = Batch(views=device_views(step_key, batch, views), index=batch['index'])
@@ -87,7 +90,7 @@ def make_train_step(method: Method, ctx: Context, tx, schedule,
     method_state = method.update_state(ctx, state.method_state, params, out.for_update,
                                        state.step)
     scalars = {'loss': loss, 'learning_rate': schedule(state.step),
-               'grad_norm': optax.tree.norm(grads), **out.metrics}
+               'grad_norm': global_norm(grads, sharded), **out.metrics}
     probe_state = state.probe
     if probe is not None:
       probe_state, probe_scalars = online_probe.update(probe, state.probe, out.features,
@@ -101,6 +104,37 @@ def make_train_step(method: Method, ctx: Context, tx, schedule,
   return train_step
 
 
+def global_norm(grads, sharded: dict):
+  """The L2 norm of all gradients, the rows split across devices included."""
+  squares = 0.0
+  for name, value in grads.items():
+    total = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(value))
+    squares += jax.lax.psum(total, AXIS) if name in sharded else total
+  return jnp.sqrt(squares)
+
+
+def make_prior_step(method: Method, ctx: Context, write):
+  """The per-replica step of a method's initialisation from the data."""
+  def prior_step(state: TrainState, batch):
+    pixels = augment.preprocess_eval(batch['image'], ctx.config.aug)
+    params, method_state = write(ctx, state.params, state.batch_stats, state.method_state,
+                                 pixels, batch['index'], batch['mask'])
+    return state.replace(params=params, method_state=method_state)
+  return prior_step
+
+
+def make_epoch_step(ctx: Context, start_epoch):
+  """The per-replica program a method runs before every epoch's first step.
+
+  A program of its own, not a ``lax.cond`` in the train step: XLA's CPU runtime
+  does not order collectives inside control flow against the step's other
+  collectives, and devices that enter them in different orders wait forever.
+  """
+  def epoch_step(state: TrainState):
+    return state.replace(method_state=start_epoch(ctx, state.method_state, state.params))
+  return epoch_step
+
+
 def make_encode_step(method: Method, ctx: Context):
   def encode_step(state: TrainState, images):
     pixels = augment.preprocess_eval(images, ctx.config.aug)
@@ -110,29 +144,19 @@ def make_encode_step(method: Method, ctx: Context):
 
 # ----------------------------------------------------------------------------- state
 
-def state_specs(method: Method, config) -> TrainState:
-  """How the state lies on the mesh: replicated, except the method's sharded rows."""
-  return TrainState(step=P(), params=P(), batch_stats=P(), opt_state=P(),
-                    method_state=method.state_specs(config), probe=P())
+def _initializer(method: Method, ctx: Context, tx, probe):
+  """``(params_key, method_key) -> TrainState``: the random initial state."""
+  size = ctx.config.data.image_size
 
-
-def init_state(method: Method, ctx: Context, tx, mesh,
-               probe: online_probe.OnlineProbe | None = None) -> TrainState:
-  """Random initial state on ``mesh``, a pure function of ``config.seed``."""
-  config = ctx.config
-  size = config.data.image_size
-  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                           state_specs(method, config), is_leaf=lambda x: isinstance(x, P))
-
-  @functools.partial(jax.jit, out_shardings=shardings)
   def initialize(params_key, method_key):
     # BatchNorm in inference mode: no statistics, so no mesh axis is looked for.
     variables = ctx.model.init(params_key, jnp.zeros((2, size, size, 3)), train=False)
-    params = variables['params']
+    params = method.init_params(ctx, variables, jax.random.fold_in(method_key, 2))
     probe_state = {}
     if probe is not None:
-      features = jax.eval_shape(functools.partial(method.encode, ctx.model), params,
-                                variables['batch_stats'], jnp.zeros((1, size, size, 3)))
+      features = jax.eval_shape(functools.partial(method.encode, ctx.model),
+                                variables['params'], variables['batch_stats'],
+                                jnp.zeros((1, size, size, 3)))
       probe_state = online_probe.init(probe, jax.random.fold_in(method_key, 1),
                                       features.shape[-1])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -141,10 +165,40 @@ def init_state(method: Method, ctx: Context, tx, mesh,
                       probe=probe_state)
 
   # RBG keys compile the hundreds of parameter initialisers several times faster
-  # than threefry. The method's state (queues, banks) is created sharded, and
-  # threefry draws do not depend on how an array is split across devices.
-  return initialize(jax.random.key(config.seed, impl='rbg'),
-                    jax.random.fold_in(jax.random.key(config.seed), 1))
+  # than threefry. The method's own parameters and state (classifier rows, queues,
+  # banks) come from threefry, whose draws do not depend on how an array is split.
+  keys = (jax.random.key(ctx.config.seed, impl='rbg'),
+          jax.random.fold_in(jax.random.key(ctx.config.seed), 1))
+  return initialize, keys
+
+
+def state_specs(method: Method, ctx: Context, tx, probe=None) -> TrainState:
+  """How the state lies on the mesh: replicated, except the method's sharded rows.
+
+  Parameters the method splits by rows (``Method.param_specs``) have their
+  optimizer state (momentum, Adam moments) split the same way.
+  """
+  initialize, keys = _initializer(method, ctx, tx, probe)
+  abstract = jax.eval_shape(initialize, *keys)
+  sharded = method.param_specs(ctx.config)
+  split = {name: jax.tree.map(lambda _, s=name in sharded: s, value)
+           for name, value in abstract.params.items()}
+  opt_split = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, split,
+                                    transform_non_params=lambda _: False)
+  spec = lambda s: P(AXIS) if s else P()
+  return TrainState(step=P(), params=jax.tree.map(spec, split),
+                    batch_stats=P(), opt_state=jax.tree.map(spec, opt_split),
+                    method_state=method.state_specs(ctx.config), probe=P())
+
+
+def init_state(method: Method, ctx: Context, tx, mesh,
+               probe: online_probe.OnlineProbe | None = None) -> TrainState:
+  """Random initial state on ``mesh``, a pure function of ``config.seed``."""
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                           state_specs(method, ctx, tx, probe),
+                           is_leaf=lambda x: isinstance(x, P))
+  initialize, keys = _initializer(method, ctx, tx, probe)
+  return jax.jit(initialize, out_shardings=shardings)(*keys)
 
 
 def check_config(config: ml_collections.ConfigDict, method: Method) -> None:
@@ -197,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   probe = (online_probe.create(num_classes, config.eval.online_probe_learning_rate)
            if config.eval.online_probe and num_classes else None)
   state = init_state(method, ctx, opt.tx, layout.mesh, probe)
-  specs = state_specs(method, config)
+  specs = state_specs(method, ctx, opt.tx, probe)
   train_step = parallel.per_replica(
       make_train_step(method, ctx, opt.tx, opt.schedule, probe), layout.mesh,
       in_specs=(specs, P(AXIS)), out_specs=(specs, P()), donate_argnums=(0,))
@@ -210,6 +264,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with loop.Workdir(workdir, config.keep_checkpoints) as run_dir:
     state, start_step = run_dir.restore(state)
     run_dir.record_config(loop.config_record(config), resumed=start_step > 0)
+    write = method.init_from_data(config)
+    if write is not None and start_step == 0:
+      say('Initialising from one pass over the training split ...')
+      state = initialise_from_data(
+          state, make_prior_step(method, ctx, write), specs, layout,
+          data_pass(config, layout, train_data if config.data.in_memory else None),
+          config.data.image_size)
     if config.data.in_memory:
       batches = train_data.batches(start_step)
     else:
@@ -230,6 +291,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return monitor(state, encode_step, probe, config, splits)
       return {}
 
+    start_epoch = method.start_epoch(config)
+    epoch_step = None if start_epoch is None else parallel.per_replica(
+        make_epoch_step(ctx, start_epoch), layout.mesh, in_specs=(specs,),
+        out_specs=specs, donate_argnums=(0,))
+
     say(f'Training steps {start_step} -> {num_steps} ({steps_per_epoch} per epoch), '
         f'peak learning rate {opt.peak_lr:.4g}.')
     state = loop.train(run_dir, state, train_step, batches, layout.mesh,
@@ -237,7 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        steps_per_epoch=steps_per_epoch,
                        global_batch=config.global_batch_size,
                        log_every=config.log_every_steps,
-                       checkpoint_every=config.checkpoint_every_steps, monitor=monitor_at)
+                       checkpoint_every=config.checkpoint_every_steps, monitor=monitor_at,
+                       epoch_start=epoch_step)
 
     # --- evaluation
     if not config.eval.enabled:
@@ -251,6 +318,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for metric, value in figures.items()})
   say(format_results(results, config))
   return results
+
+
+# ----------------------------------------------------------------------------- data pass
+
+def data_pass(config, layout: loop.Layout, train_data=None):
+  """This process's batches of one pass over the training split, in its order:
+  ``{'image', 'label', 'mask', 'index'}``, evaluation preprocessing (in memory:
+  ``train_data``'s block, centre-cropped)."""
+  if train_data is None:
+    from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.eval_iterator(config.data, 'train', layout.local_batch,
+                                  jax.process_index(), jax.process_count())
+  block = train_data.process_block()
+  images = eval_data.centre_crop(block.images, float(config.data.eval_crop_fraction))
+  return eval_data.padded_batches(images, block.labels, layout.local_batch,
+                                  train_data.process_indices())
+
+
+def fill_padding(batch: dict) -> dict:
+  """The padding rows of a short batch replaced by copies of its real images
+  (still masked out), so that BatchNorm's batch statistics see only real images."""
+  real = np.flatnonzero(batch['mask'])
+  missing = np.flatnonzero(~batch['mask'])
+  if not len(real) or not len(missing):
+    return batch
+  image = batch['image'].copy()
+  image[missing] = image[real[np.arange(len(missing)) % len(real)]]
+  return {**batch, 'image': image}
+
+
+def initialise_from_data(state, prior_step, specs, layout: loop.Layout, batches,
+                         image_size: int):
+  """``state`` after the method's per-replica ``prior_step`` saw every batch."""
+  step = parallel.per_replica(prior_step, layout.mesh, in_specs=(specs, P(AXIS)),
+                              out_specs=specs, donate_argnums=(0,))
+  blank = eval_data.pad_batch(np.zeros((0, image_size, image_size, 3), np.uint8),
+                              np.zeros(0, np.int32), layout.local_batch,
+                              np.zeros(0, np.int32))
+  for batch in eval_data.lockstep(batches, blank):
+    state = step(state, parallel.host_to_global(fill_padding(batch), layout.mesh))
+    # One batch at a time, so that input batches do not pile up on the devices.
+    jax.block_until_ready(state)
+  return state
 
 
 # ----------------------------------------------------------------------------- eval

@@ -67,7 +67,12 @@ def test_negatives_study_plans_one_run_per_mechanism_and_count():
   assert [(r['method'], r['negatives'], r['batch_size']) for r in runs] == [
       ('simclr', 62, 32), ('simclr', 254, 128), ('simclr', 1022, 512),
       ('membank', 256, 128), ('membank', 1024, 128), ('membank', 4096, 128),
-      ('moco', 256, 128), ('moco', 1024, 128), ('moco', 4096, 128)]
+      ('moco', 256, 128), ('moco', 1024, 128), ('moco', 4096, 128),
+      ('instance_cls', None, 128), ('instance_cls', None, 128),
+      ('instance_cls', None, 128), ('instance_cls', None, 128)]
+  assert [(r['config'].instance_cls.contrastive_prior, r['config'].instance_cls.smoothing)
+          for r in runs[9:]] == [(False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)]
+  assert len({r['name'] for r in runs}) == len(runs)     # one directory each
   for run in runs:        # everything else is shared
     assert _keys(run['config']) == _keys(config_lib.base_config())
     assert run['config'].model.to_dict() == config.base.model.to_dict()
@@ -81,6 +86,7 @@ def test_negatives_study_plans_one_run_per_mechanism_and_count():
   assert runs[7]['config'].moco.queue_size == 1024
   assert runs[3]['config'].membank.num_negatives == 256
   assert {r['config'].simclr.temperature for r in runs} == {config.temperature}
+  assert {r['config'].instance_cls.temperature for r in runs} == {config.temperature}
 
 
 @pytest.mark.parametrize('name', DOWNSTREAM)

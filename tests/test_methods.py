@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from contrastive import models
 from contrastive import train
 from contrastive.methods import Context, RunInfo, ema, get_method, membank, moco
+from contrastive.methods import rows as sharded_rows
 from tests import tolerances
 
 
@@ -145,7 +146,7 @@ def test_memory_bank_update_is_exact(config):
 def test_memory_bank_reads_rows_across_shards(config):
   bank = membank.init_state(_bank_context(config), None, jax.random.key(0))['bank']
   rows = jnp.asarray([31, 0, 4, 5, 17, 29], jnp.int32)
-  got = jax.jit(jax.shard_map(lambda b: membank.read_rows(b, rows, 'data'), mesh=_mesh8(),
+  got = jax.jit(jax.shard_map(lambda b: sharded_rows.read(b, rows, 'data'), mesh=_mesh8(),
                               in_specs=P('data'), out_specs=P()))(bank)
   np.testing.assert_array_equal(got, np.asarray(bank)[np.asarray(rows)])
 

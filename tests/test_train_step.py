@@ -45,12 +45,24 @@ def _setup(config, num_devices, probe=None):
   return method, ctx, tx, schedule, mesh, state, batch
 
 
+def _start_epoch(method, ctx, tx, mesh, state):
+  """The method's once-an-epoch program (the instance classifier's neighbour
+  search), as the trainer runs it before an epoch's first step."""
+  start_epoch = method.start_epoch(ctx.config)
+  if start_epoch is None:
+    return state
+  specs = train.state_specs(method, ctx, tx)
+  return parallel.per_replica(train.make_epoch_step(ctx, start_epoch), mesh,
+                              in_specs=(specs,), out_specs=specs)(state)
+
+
 def _run_steps(method, ctx, tx, schedule, mesh, state, batch, probe=None):
-  specs = train.state_specs(method, ctx.config)
+  specs = train.state_specs(method, ctx, tx, probe)
   step = parallel.per_replica(
       train.make_train_step(method, ctx, tx, schedule, probe),
       mesh, in_specs=(specs, P('data')), out_specs=(specs, P()))
   batch = jax.device_put(batch, NamedSharding(mesh, P('data')))
+  state = _start_epoch(method, ctx, tx, mesh, state)
   state, metrics = step(state, batch)
   state, metrics = step(state, batch)   # second step: momentum and BN running stats
   return jax.device_get(state), jax.device_get(metrics)
@@ -67,7 +79,17 @@ def _canonical(config, method_state, num_devices):
             'queue_pointer': method_state['queue_pointer'] * num_devices}
   if config.method == 'membank':
     return {'bank': method_state['bank'][:NUM_EXAMPLES]}
+  if config.method == 'instance_cls':
+    return {'neighbours': method_state['neighbours'][:NUM_EXAMPLES]}
   return method_state
+
+
+def _real_rows(tree):
+  """Parameters (or optimizer state) without the classifier's padding rows, whose
+  number depends on the device count (N rounded up to it)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x[:NUM_EXAMPLES] if any(
+          getattr(key, 'key', None) == 'classifier' for key in path) else x, tree)
 
 
 _assert_trees_close = tolerances.assert_trees_close
@@ -79,10 +101,13 @@ def _configure(config, method):
   config.moco.key_bn = 'global'        # the only key BN that is layout-independent
   config.moco.momentum = 0.9
   config.membank.num_negatives = 40
+  config.instance_cls.smoothing = 0.2      # the neighbour search runs before the steps
+  config.instance_cls.smoothing_neighbours = 3
+  config.instance_cls.neighbour_chunk = 8  # several chunks per shard on 1 device
 
 
 @pytest.mark.parametrize('method,optimizer', [
-    ('simclr', 'lars'), ('moco', 'sgd'), ('membank', 'sgd')])
+    ('simclr', 'lars'), ('moco', 'sgd'), ('membank', 'sgd'), ('instance_cls', 'sgd')])
 def test_step_on_8_devices_equals_1_device(config, method, optimizer):
   _configure(config, method)
   config.optim.name = optimizer
@@ -95,9 +120,9 @@ def test_step_on_8_devices_equals_1_device(config, method, optimizer):
   (state1, metrics1), (state8, metrics8) = results[1], results[8]
   np.testing.assert_allclose(metrics8['loss'], metrics1['loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics8['grad_norm'], metrics1['grad_norm'], rtol=1e-4)
-  _assert_trees_close(state8.params, state1.params)
+  _assert_trees_close(_real_rows(state8.params), _real_rows(state1.params))
   _assert_trees_close(state8.batch_stats, state1.batch_stats)
-  _assert_trees_close(state8.opt_state, state1.opt_state)
+  _assert_trees_close(_real_rows(state8.opt_state), _real_rows(state1.opt_state))
   _assert_trees_close(_canonical(config, state8.method_state, 8),
                       _canonical(config, state1.method_state, 1))
   assert int(state8.step) == int(state1.step) == 2
@@ -106,10 +131,14 @@ def test_step_on_8_devices_equals_1_device(config, method, optimizer):
                          initial.params['head']['Dense_0']['kernel'])
   assert not np.allclose(state1.batch_stats['encoder']['stem_bn']['mean'],
                          initial.batch_stats['encoder']['stem_bn']['mean'])
+  if method == 'instance_cls':    # the neighbour search ran, the rows moved
+    assert len(np.unique(state1.method_state['neighbours'])) > 10
+    assert not np.allclose(_real_rows(state1.params)['classifier'],
+                           _real_rows(initial.params)['classifier'])
 
 
-def _gradients(method, ctx, mesh, state, batch):
-  specs = train.state_specs(method, ctx.config)
+def _gradients(method, ctx, tx, mesh, state, batch):
+  specs = train.state_specs(method, ctx, tx)
 
   def replica(state, batch):
     views = train.device_views(jax.random.key(7), batch, method.views(ctx.config))
@@ -123,19 +152,23 @@ def _gradients(method, ctx, mesh, state, batch):
     return loss, grads, out.batch_stats
 
   fn = parallel.per_replica(replica, mesh, in_specs=(specs, P('data')),
-                            out_specs=(P(), P(), P()))
+                            out_specs=(P(), specs.params, P()))
   return jax.device_get(fn(state, jax.device_put(batch, NamedSharding(mesh, P('data')))))
 
 
-def test_gradients_on_8_devices_equal_1_device(config):
-  """The raw gradients of the whole MoCo loss (queue split over 8 devices)."""
-  _configure(config, 'moco')
+@pytest.mark.parametrize('method', ['moco', 'instance_cls'])
+def test_gradients_on_8_devices_equal_1_device(config, method):
+  """The raw gradients of the whole loss: MoCo's queue split over 8 devices; the
+  instance classifier's rows split over 8 devices, their gradients too."""
+  _configure(config, method)
   results = {}
   for n in (1, 8):
-    method, ctx, _, _, mesh, state, batch = _setup(config, n)
-    results[n] = _gradients(method, ctx, mesh, state, batch)
+    method_, ctx, tx, _, mesh, state, batch = _setup(config, n)
+    state = _start_epoch(method_, ctx, tx, mesh, state)
+    results[n] = _gradients(method_, ctx, tx, mesh, state, batch)
   (loss1, grads1, stats1), (loss8, grads8, stats8) = results[1], results[8]
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  grads1, grads8 = _real_rows(grads1), _real_rows(grads8)
   _assert_trees_close(grads8, grads1)
   _assert_trees_close(stats8, stats1)
   # Guard against the classic shard_map trap: gradients n times too large.

@@ -5,14 +5,17 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from contrastive import export
 from contrastive import loop
 from contrastive import metrics
 from contrastive import train
 from contrastive.data import in_memory as in_memory_data
+from contrastive.data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,18 +25,27 @@ def _losses(workdir):
           if 'loss' in record}
 
 
-def _final_method_state(workdir, step):
-  restored = ocp.StandardCheckpointer().restore(
+def _final_state(workdir, step):
+  return ocp.StandardCheckpointer().restore(
       os.path.join(workdir, 'checkpoints', str(step), 'default'))
-  return restored['method_state']
 
 
-def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch):
-  """A MoCo run (EMA target, sharded queue) killed mid-way and restarted with the
-  same command gives the uninterrupted run's losses and final queue."""
-  config.method = 'moco'
-  config.moco.queue_size = 32
+def _configure_resume(config, method):
+  config.method = method
   config.checkpoint_every_steps = 2
+  if method == 'moco':
+    config.moco.queue_size = 32
+  else:                         # the prior, and a neighbour search at step 0
+    config.optim.name = 'sgd'
+    config.instance_cls.smoothing = 0.2
+
+
+@pytest.mark.parametrize('method', ['moco', 'instance_cls'])
+def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch, method):
+  """A run killed mid-way and restarted with the same command gives the
+  uninterrupted run's losses and final state: MoCo's EMA target and sharded queue;
+  the instance classifier's sharded rows and the neighbours its labels use."""
+  _configure_resume(config, method)
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   expected = _losses(tmp_path / 'straight')
   total = max(expected)
@@ -58,13 +70,26 @@ def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch)
                              [expected[s] for s in sorted(expected)], rtol=1e-6)
   checkpoints = os.listdir(tmp_path / 'resumed' / 'checkpoints')
   assert str(total) in checkpoints
-  straight_state = _final_method_state(tmp_path / 'straight', total)
-  resumed_state = _final_method_state(tmp_path / 'resumed', total)
-  assert int(resumed_state['queue_pointer']) == int(straight_state['queue_pointer'])
-  np.testing.assert_allclose(resumed_state['queue'], straight_state['queue'], atol=1e-6)
-  np.testing.assert_allclose(resumed_state['target']['params']['head']['Dense_0']['kernel'],
-                             straight_state['target']['params']['head']['Dense_0']['kernel'],
-                             atol=1e-6)
+  straight = _final_state(tmp_path / 'straight', total)
+  again = _final_state(tmp_path / 'resumed', total)
+  if method == 'moco':
+    straight, again = straight['method_state'], again['method_state']
+    assert int(again['queue_pointer']) == int(straight['queue_pointer'])
+    np.testing.assert_allclose(again['queue'], straight['queue'], atol=1e-6)
+    np.testing.assert_allclose(again['target']['params']['head']['Dense_0']['kernel'],
+                               straight['target']['params']['head']['Dense_0']['kernel'],
+                               atol=1e-6)
+  else:
+    np.testing.assert_allclose(again['params']['classifier'],
+                               straight['params']['classifier'], atol=1e-6)
+    np.testing.assert_array_equal(again['method_state']['neighbours'],
+                                  straight['method_state']['neighbours'])
+    assert np.any(straight['method_state']['neighbours'])        # the search ran
+    # Export carries the backbone only: the classifier rows stay behind.
+    export.export_flax(str(tmp_path / 'straight'), str(tmp_path / 'backbone.msgpack'))
+    _, variables = export.load_flax_encoder(str(tmp_path / 'backbone.msgpack'))
+    jax.tree.map(np.testing.assert_array_equal, variables['params'],
+                 straight['params']['encoder'])
 
 
 def _free_port():
@@ -302,3 +327,27 @@ def test_process_block_equals_the_loaded_split(config):
   np.testing.assert_array_equal(block.images, loaded.images)
   np.testing.assert_array_equal(block.labels, loaded.labels)
   assert block.num_classes == loaded.num_classes == 10
+
+
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_data_pass_visits_every_readable_training_image_once(config, tmp_path, in_memory):
+  """The ordered pass a method initialises from (the contrastive prior): each
+  readable image once, under the index its training batches carry; the
+  corrupt file is skipped."""
+  _image_folder(tmp_path / 'images')
+  config = _folder_run(config, tmp_path / 'images', 0)
+  config.data.holdout_per_class = 4
+  config.data.in_memory = in_memory
+  layout = loop.layout(config.global_batch_size)
+  data = (in_memory_data.InMemoryTrainData(config.data, layout.mesh,
+                                            layout.per_device_batch, config.seed)
+          if in_memory else None)
+  batches = list(train.data_pass(config, layout, data))
+  index = np.concatenate([b['index'][b['mask']] for b in batches])
+  assert all(b['image'].shape[0] == layout.local_batch for b in batches)
+  listed = sources.split_info(config.data, 'train').num_examples      # 3 x 20 + broken
+  assert len(index) == len(set(index)) == listed - 1
+  if in_memory:
+    np.testing.assert_array_equal(np.sort(index), np.arange(data.num_examples))
+  else:
+    assert index.max() < listed

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from contrastive.data import sources
@@ -56,19 +57,36 @@ def centre_crop(images: np.ndarray, fraction: float) -> np.ndarray:
                    for image in images])
 
 
-def pad_batch(images, labels, batch_size: int) -> dict:
+def pad_batch(images, labels, batch_size: int, index=None) -> dict:
   """A possibly short batch padded to ``batch_size``: zero images, label -1,
-  ``mask`` False on the padding, so every process runs full, equal batches."""
+  ``mask`` False on the padding, so every process runs full, equal batches
+  (``index``: each image's position in the split, kept as ``index``)."""
   n = len(labels)
   pad = batch_size - n
-  return {'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
-          'label': np.pad(labels, (0, pad), constant_values=-1),
-          'mask': np.arange(batch_size) < n}
+  batch = {'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+           'label': np.pad(labels, (0, pad), constant_values=-1),
+           'mask': np.arange(batch_size) < n}
+  if index is not None:
+    batch['index'] = np.pad(np.asarray(index, np.int32), (0, pad))
+  return batch
 
 
-def padded_batches(images, labels, local_batch: int) -> Iterator[dict]:
-  """In-memory split -> ``{'image', 'label', 'mask'}`` batches, the last padded."""
+def padded_batches(images, labels, local_batch: int, index=None) -> Iterator[dict]:
+  """In-memory split -> ``{'image', 'label', 'mask'}`` batches, the last padded
+  (with ``index``, each image's position in the split, also ``'index'``)."""
   labels = np.full(len(images), -1, np.int32) if labels is None else labels
   for start in range(0, len(images), local_batch):
-    yield pad_batch(images[start:start + local_batch], labels[start:start + local_batch],
-                    local_batch)
+    window = slice(start, start + local_batch)
+    yield pad_batch(images[window], labels[window], local_batch,
+                    None if index is None else index[window])
+
+
+def lockstep(batches: Iterator[dict], blank: dict) -> Iterator[dict]:
+  """This process's batches, then ``blank`` ones until every process has run out,
+  so that all processes take part in every collective of a pass."""
+  batches = iter(batches)
+  while True:
+    batch = next(batches, None)
+    if not multihost_utils.process_allgather(np.asarray(batch is not None)).any():
+      return
+    yield blank if batch is None else batch

@@ -77,6 +77,11 @@ class InMemoryTrainData:
         labels=None if labels[0] is None else np.concatenate(labels),
         num_classes=self._blocks[0].num_classes, skipped=self.skipped)
 
+  def process_indices(self) -> np.ndarray:
+    """Each row of :meth:`process_block`'s position in the split (``index``)."""
+    return np.concatenate([start + np.arange(len(images), dtype=np.int32)
+                           for start, images in zip(self._starts, self._images)])
+
   def batch(self, step: int) -> dict:
     """``image`` uint8 [b, H, W, 3], ``label`` (-1: none) and ``index`` (position
     in the split) of a step."""

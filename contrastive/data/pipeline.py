@@ -72,7 +72,7 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
   """One pass over this process's block of a split, in a fixed order.
 
   Yields numpy dicts ``{'image': uint8 [b, S, S, 3], 'label': int32 [b] (-1 when
-  unlabelled), 'mask': bool [b]}``; the last batch is padded to ``local_batch_size``
+  unlabelled), 'mask': bool [b], 'index': int32 [b] (position in the split)}``; the last batch is padded to ``local_batch_size``
   with zero images, label -1 and mask False. Unreadable images are skipped. An
   empty block (more processes than examples) yields nothing.
   """
@@ -87,7 +87,7 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
 
   def preprocess(example):
     image = _resize_and_centre_crop(tf, _decode(tf, example['encoded']), size, crop_fraction)
-    return {'image': image, 'label': example['label']}
+    return {'image': image, 'label': example['label'], 'index': example['index']}
 
   ds = encoded.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.ignore_errors(log_warning=True)
@@ -97,7 +97,7 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
 
 def _pad_last(batches, batch_size: int) -> Iterator[dict]:
   for batch in batches:
-    yield evaluation.pad_batch(batch['image'], batch['label'], batch_size)
+    yield evaluation.pad_batch(batch['image'], batch['label'], batch_size, batch['index'])
 
 
 def _process_seed(seed: int, shard_index: int) -> int:

@@ -22,13 +22,7 @@ def extract_features(encode_step, state, batches, mesh, local_batch: int,
   blank = evaluation.pad_batch(np.zeros((0, *image_shape), np.uint8),
                              np.zeros(0, np.int32), local_batch)
   features, labels = [], []
-  batches = iter(batches)
-  while True:
-    batch = next(batches, None)
-    have = np.asarray(batch is not None)
-    if not multihost_utils.process_allgather(have).any():
-      break
-    batch = blank if batch is None else batch
+  for batch in evaluation.lockstep(batches, blank):
     global_batch = parallel.host_to_global(batch, mesh)
     output = encode_step(state, global_batch['image'])
     gathered = multihost_utils.process_allgather(

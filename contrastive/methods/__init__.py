@@ -7,13 +7,15 @@ method from :data:`METHODS`; the trainer also accepts any ``Method`` directly,
 so a method can live outside the library.
 """
 
+from contrastive.methods import instance_cls
 from contrastive.methods import membank
 from contrastive.methods import moco
 from contrastive.methods import simclr
 from contrastive.methods.contract import (Batch, Context, LossOutput, Method, RunInfo,
                                           TrainState, View)
 
-METHODS = {method.name: method for method in (simclr.METHOD, moco.METHOD, membank.METHOD)}
+METHODS = {method.name: method for method in (simclr.METHOD, moco.METHOD, membank.METHOD,
+                                             instance_cls.METHOD)}
 
 
 def get_method(name: str) -> Method:

@@ -99,6 +99,16 @@ def no_problems(config: ml_collections.ConfigDict) -> list[str]:
   return []
 
 
+def network_params(ctx: Context, variables, key):
+  del ctx, key
+  return variables['params']
+
+
+def all_replicated(config: ml_collections.ConfigDict) -> dict:
+  del config
+  return {}
+
+
 def no_state(ctx: Context, variables, key):
   del ctx, variables, key
   return {}
@@ -112,6 +122,16 @@ def replicated(config: ml_collections.ConfigDict):
 def keep_state(ctx: Context, method_state, params, for_update, step):
   del ctx, params, for_update, step
   return method_state
+
+
+def no_data_init(config: ml_collections.ConfigDict):
+  del config
+  return None
+
+
+def no_epoch_work(config: ml_collections.ConfigDict):
+  del config
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +151,28 @@ class Method:
       image's randomness keyed by its position in the global batch.
     check_config: ``config -> list[str]``, the problems with the method's own
       config section, each naming its field; run before any data is read.
+    init_params: ``(ctx, variables, key) -> params``, the trained parameters:
+      the network's ``variables['params']``, plus any the network does not hold
+      (a classifier with one row per training image).
+    param_specs: ``config -> {name: PartitionSpec}`` for the top-level entries of
+      the parameters that are split across devices (``P('data')``: by rows, each
+      device holding, updating and checkpointing its own rows, its optimizer
+      state split the same way); every other entry is replicated.
     init_state: ``(ctx, variables, key) -> method_state``, the state beyond the
       trained parameters, from the freshly initialised ``variables``.
     state_specs: ``config -> PartitionSpec pytree prefix`` of that state: ``P()``
       replicated, ``P('data')`` split by rows across the devices.
+    start_epoch: ``config ->`` None, or a ``(ctx, method_state, params) ->
+      method_state`` run per replica, as a program of its own, before the first
+      step of every epoch (a neighbour search over a sharded table).
     update_state: ``(ctx, method_state, params, for_update, step) ->
       method_state`` after the optimizer step (EMA target, enqueue, bank write).
+    init_from_data: ``config ->`` None, or a ``(ctx, params, batch_stats,
+      method_state, images, index, mask) -> (params, method_state)`` that
+      initialises from the data: called per replica on every batch of one pass
+      over the training split in its order (evaluation preprocessing, ``index``
+      each image's position in the split, ``mask`` False on padding) before the
+      first step of a fresh run.
     encode: ``(model, params, batch_stats, images) -> features`` for evaluation,
       BatchNorm in inference mode.
   """
@@ -145,7 +181,11 @@ class Method:
   build_model: Callable[[ml_collections.ConfigDict], nn.Module] = encoder_with_head
   views: Callable[[ml_collections.ConfigDict], tuple[View, ...]] = two_views
   check_config: Callable[[ml_collections.ConfigDict], list[str]] = no_problems
+  init_params: Callable[..., Any] = network_params
+  param_specs: Callable[[ml_collections.ConfigDict], dict] = all_replicated
   init_state: Callable[..., Any] = no_state
   state_specs: Callable[[ml_collections.ConfigDict], Any] = replicated
+  start_epoch: Callable[[ml_collections.ConfigDict], Callable | None] = no_epoch_work
   update_state: Callable[..., Any] = keep_state
+  init_from_data: Callable[[ml_collections.ConfigDict], Callable | None] = no_data_init
   encode: Callable[..., jax.Array] = models.encoder_features

@@ -18,12 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive import losses
 from contrastive import parallel
+from contrastive.methods import rows
 from contrastive.methods.contract import Batch, Context, LossOutput, Method, two_views
-
-
-def bank_rows(run) -> int:
-  """Rows of the sharded bank: the split size rounded up to the device count."""
-  return -(-run.num_examples // run.num_devices) * run.num_devices
 
 
 def check_config(config) -> list[str]:
@@ -43,7 +39,7 @@ def init_state(ctx: Context, variables, key):
   run = ctx.run
   embeddings = losses.l2_normalize(
       jax.random.normal(key, (run.num_examples, ctx.config.head.out_dim), jnp.float32))
-  padding = bank_rows(run) - run.num_examples
+  padding = rows.padded_rows(run.num_examples, run.num_devices) - run.num_examples
   return {'bank': jnp.pad(embeddings, ((0, padding), (0, 0)))}
 
 
@@ -52,48 +48,23 @@ def state_specs(config):
   return {'bank': P(parallel.AXIS)}
 
 
-def _shard_position(bank_shard, axis_name):
-  """(this device's index, rows per shard)."""
-  device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
-  return device, bank_shard.shape[0]
-
-
-def _gather(x, axis_name):
-  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
-
-
-def _owned_rows(global_rows, bank_shard, axis_name):
-  """Which global rows this device's shard holds, and their local positions."""
-  device, rows = _shard_position(bank_shard, axis_name)
-  local = global_rows - device * rows
-  owned = (local >= 0) & (local < rows)
-  return owned, jnp.clip(local, 0, rows - 1)
-
-
-def read_rows(bank_shard, global_rows, axis_name):
-  """Bank rows at ``global_rows`` (the same indices on every device)."""
-  owned, local = _owned_rows(global_rows, bank_shard, axis_name)
-  values = jnp.where(owned[:, None], bank_shard[local], 0.0)
-  return values if axis_name is None else jax.lax.psum(values, axis_name)
-
-
 def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
   bank, shard, axis_name = ctx.config.membank, method_state['bank'], ctx.axis_name
   index = batch.index
   (features, queries), updates = ctx.model.apply(
       {'params': params, 'batch_stats': batch_stats}, batch.views[0], train=True,
       mutable=['batch_stats'])
-  device, rows = _shard_position(shard, axis_name)
-  batch_index = _gather(index, axis_name)                    # [N]
+  device, _ = rows.shard_position(shard, axis_name)
+  batch_index = rows.gather(index, axis_name)                # [N]
   # Every replica reads the whole batch's rows; each keeps its own images' ones.
-  positives = jax.lax.dynamic_slice_in_dim(read_rows(shard, batch_index, axis_name),
+  positives = jax.lax.dynamic_slice_in_dim(rows.read(shard, batch_index, axis_name),
                                            device * index.shape[0], index.shape[0])
   if bank.num_negatives:
     drawn = jax.random.randint(key, (bank.num_negatives,), 0, ctx.run.num_examples)
-    owned, local_rows = _owned_rows(drawn, shard, axis_name)
+    owned, local_rows = rows.owned(drawn, shard, axis_name)
     negatives, negative_rows = shard[local_rows], drawn
   else:
-    negative_rows = device * rows + jnp.arange(rows)
+    negative_rows = rows.shard_columns(shard, axis_name)
     owned, negatives = negative_rows < ctx.run.num_examples, shard
   # An image's own row is its positive, never one of its negatives.
   mask = owned[None, :] & (negative_rows[None, :] != batch_index[:, None])
@@ -109,14 +80,12 @@ def update_state(ctx: Context, method_state, params, for_update, step):
   """Each seen image's row <- normalise(m * row + (1 - m) * its new embedding)."""
   del params, step
   shard, axis_name = method_state['bank'], ctx.axis_name
-  index = _gather(for_update['index'], axis_name)
-  embeddings = _gather(for_update['embeddings'], axis_name)
-  owned, local = _owned_rows(index, shard, axis_name)
+  index = rows.gather(for_update['index'], axis_name)
+  embeddings = rows.gather(for_update['embeddings'], axis_name)
+  _, local = rows.owned(index, shard, axis_name)
   momentum = ctx.config.membank.momentum
   updated = losses.l2_normalize(momentum * shard[local] + (1.0 - momentum) * embeddings)
-  # Rows another device owns are written out of range, and dropped.
-  target = jnp.where(owned, local, shard.shape[0])
-  return {'bank': shard.at[target].set(updated, mode='drop')}
+  return {'bank': rows.write(shard, index, updated, axis_name)}
 
 
 def views(config):

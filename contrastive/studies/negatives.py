@@ -1,4 +1,4 @@
-r"""Accuracy against the number of negatives for SimCLR, the memory bank and MoCo.
+r"""Accuracy against the number of negatives: SimCLR, memory bank, MoCo, instance classifier.
 
     python -m contrastive.studies.negatives --config=configs/negatives_study.py \
         --workdir=/tmp/negatives --config.base.data.path=/data/cifar10/train
@@ -11,7 +11,9 @@ change:
 - SimCLR (end-to-end): the other views of the batch, 2B - 2 negatives, so the
   batch size B is what varies;
 - memory bank: ``membank.num_negatives`` rows drawn from the bank, batch fixed;
-- MoCo: the queue of ``moco.queue_size`` keys, batch fixed.
+- MoCo: the queue of ``moco.queue_size`` keys, batch fixed;
+- instance classification: a classifier row per image, all N - 1 other images
+  as negatives, with and without the contrastive prior and label smoothing.
 
 Each run lives in ``<workdir>/<method>_<negatives>``; a finished run (its
 ``eval.json`` exists) is not run again, so the same command continues an
@@ -30,32 +32,42 @@ from ml_collections import config_flags
 
 from contrastive import command_line
 from contrastive import train
+from contrastive.data import sources
 from contrastive.methods import get_method
 
-STUDY_METHODS = ('simclr', 'membank', 'moco')
+STUDY_METHODS = ('simclr', 'membank', 'moco', 'instance_cls')
 
 
 def planned_runs(config: ml_collections.ConfigDict) -> list[dict]:
-  """One entry per run: method, number of negatives, batch size, its config."""
+  """One entry per run: method, number of negatives (None: all N - 1 other images,
+  known once the data is listed), batch size, its directory name and its config."""
   sweeps = {'simclr': config.simclr_batch_sizes, 'membank': config.membank_negatives,
-            'moco': config.moco_queue_sizes}
+            'moco': config.moco_queue_sizes, 'instance_cls': config.instance_cls_variants}
   runs = []
   for method in STUDY_METHODS:
     for value in sweeps[method]:
       run = ml_collections.ConfigDict(config.base.to_dict())
       run.method = method
       run.simclr.temperature = run.moco.temperature = config.temperature
-      run.membank.temperature = config.temperature
+      run.membank.temperature = run.instance_cls.temperature = config.temperature
+      variant = ''
       if method == 'simclr':
         run.global_batch_size, negatives = value, 2 * value - 2
+      elif method == 'instance_cls':
+        prior, smoothing = value
+        run.global_batch_size, negatives = config.batch_size, None
+        run.instance_cls.contrastive_prior, run.instance_cls.smoothing = prior, smoothing
+        variant = f'prior {"on" if prior else "off"}, smoothing {smoothing:g}'
       else:
         run.global_batch_size, negatives = config.batch_size, value
         if method == 'moco':
           run.moco.queue_size = value
         else:
           run.membank.num_negatives = value
-      runs.append({'method': method, 'negatives': negatives,
-                   'batch_size': run.global_batch_size, 'config': run})
+      name = (f'{method}_prior{int(value[0])}_smoothing{value[1]:g}'
+              if method == 'instance_cls' else f'{method}_{negatives}')
+      runs.append({'method': method, 'negatives': negatives, 'variant': variant,
+                   'batch_size': run.global_batch_size, 'name': name, 'config': run})
   return runs
 
 
@@ -66,17 +78,20 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     train.check_config(run['config'], get_method(run['method']))
   rows = []
   for run in runs:
-    run_dir = os.path.join(workdir, f'{run["method"]}_{run["negatives"]}')
+    run_dir = os.path.join(workdir, run['name'])
     row_path = os.path.join(run_dir, 'study_row.json')
     if os.path.exists(row_path):
       with open(row_path) as f:
         rows.append(json.load(f))
-      print(f'{run["method"]} with {run["negatives"]} negatives: done before, kept.')
+      print(f'{run["name"]}: done before, kept.')
       continue
-    print(f'--- {run["method"]}, {run["negatives"]} negatives, batch {run["batch_size"]}')
+    negatives = run['negatives']
+    if negatives is None:
+      negatives = sources.split_info(run['config'].data, 'train').num_examples - 1
+    print(f'--- {run["name"]}: {negatives} negatives, batch {run["batch_size"]}')
     start = time.time()
     results = train.train_and_evaluate(run['config'], run_dir)['trained']
-    row = {'method': run['method'], 'negatives': run['negatives'],
+    row = {'method': run['method'], 'variant': run['variant'], 'negatives': negatives,
            'batch_size': run['batch_size'], 'minutes': (time.time() - start) / 60,
            **results}
     with open(row_path, 'w') as f:
@@ -84,6 +99,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     rows.append(row)
   write_summary(rows, config, workdir)
   return rows
+
+
+LABELS = {'simclr': 'SimCLR (end-to-end)', 'membank': 'memory bank', 'moco': 'MoCo',
+          'instance_cls': 'instance classifier'}
 
 
 def write_summary(rows: list[dict], config, workdir: str) -> None:
@@ -106,7 +125,8 @@ def format_table(rows: list[dict], config) -> str:
            '| method | negatives | batch | kNN top-1 | linear probe top-1 | minutes |',
            '|---|---:|---:|---:|---:|---:|']
   for row in rows:
-    lines.append(f'| {row["method"]} | {row["negatives"]} | {row["batch_size"]} | '
+    method = LABELS[row['method']] + (f' ({row["variant"]})' if row.get('variant') else '')
+    lines.append(f'| {method} | {row["negatives"]} | {row["batch_size"]} | '
                  f'{100 * row["knn_accuracy"]:.2f} | '
                  f'{100 * row["linear_probe_accuracy"]:.2f} | {row["minutes"]:.1f} |')
   return '\n'.join(lines)
@@ -116,13 +136,16 @@ def plot(rows: list[dict], path: str, config) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-  labels = {'simclr': 'end-to-end (SimCLR)', 'membank': 'memory bank', 'moco': 'MoCo'}
   figure, axes = pyplot.subplots(figsize=(6, 4.2))
   for method in STUDY_METHODS:
     points = sorted((r['negatives'], 100 * r['knn_accuracy']) for r in rows
                     if r['method'] == method)
-    if points:
-      axes.plot(*zip(*points), marker='o', label=labels[method])
+    if method == 'instance_cls':      # one x (N - 1), a marker per variant
+      for r in (r for r in rows if r['method'] == method):
+        axes.plot([r['negatives']], [100 * r['knn_accuracy']], marker='*', linestyle='',
+                  label=f'{LABELS[method]} ({r["variant"]})')
+    elif points:
+      axes.plot(*zip(*points), marker='o', label=LABELS[method])
   axes.set_xscale('log', base=2)
   axes.set_xlabel('number of negatives')
   axes.set_ylabel(f'kNN top-1 (%), k={config.base.eval.knn_k}')
