@@ -1,9 +1,9 @@
 """Pretraining, one function read top to bottom: :func:`train_and_evaluate`.
 
-Sections: views, step, state, main, evaluation. Nothing here is specific to one
-method: a method is a :class:`contrastive.methods.Method`, and the loop, the
-workdir and the optimizer are :mod:`contrastive.loop`'s, shared with downstream
-evaluation.
+Sections: views, step, state, main, data pass, evaluation. Nothing here is
+specific to one method: a method is a :class:`contrastive.methods.Method`, and the
+loop, the workdir and the optimizer are :mod:`contrastive.loop`'s, shared with
+downstream evaluation.
 """
 
 import functools
@@ -113,7 +113,7 @@ def global_norm(grads, sharded: dict):
   return jnp.sqrt(squares)
 
 
-def make_prior_step(method: Method, ctx: Context, write):
+def make_prior_step(ctx: Context, write):
   """The per-replica step of a method's initialisation from the data."""
   def prior_step(state: TrainState, batch):
     pixels = augment.preprocess_eval(batch['image'], ctx.config.aug)
@@ -268,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if write is not None and start_step == 0:
       say('Initialising from one pass over the training split ...')
       state = initialise_from_data(
-          state, make_prior_step(method, ctx, write), specs, layout,
+          state, make_prior_step(ctx, write), specs, layout,
           data_pass(config, layout, train_data if config.data.in_memory else None),
           config.data.image_size)
     if config.data.in_memory:

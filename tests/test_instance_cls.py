@@ -138,7 +138,7 @@ def test_contrastive_prior_rows_are_the_random_networks_train_mode_features(
   layout = train.loop.Layout(mesh, local_batch, local_batch // num_devices, None)
   batches = list(evaluation.padded_batches(images, None, local_batch, index))
   state = train.initialise_from_data(
-      state, train.make_prior_step(method, ctx, instance_cls.write_prior), specs, layout,
+      state, train.make_prior_step(ctx, instance_cls.write_prior), specs, layout,
       iter(batches), size)
   got = np.asarray(jax.device_get(state.params['classifier']))
 

@@ -124,12 +124,8 @@ def keep_state(ctx: Context, method_state, params, for_update, step):
   return method_state
 
 
-def no_data_init(config: ml_collections.ConfigDict):
-  del config
-  return None
-
-
-def no_epoch_work(config: ml_collections.ConfigDict):
+def not_needed(config: ml_collections.ConfigDict):
+  """No epoch work, no initialisation from the data."""
   del config
   return None
 
@@ -185,7 +181,7 @@ class Method:
   param_specs: Callable[[ml_collections.ConfigDict], dict] = all_replicated
   init_state: Callable[..., Any] = no_state
   state_specs: Callable[[ml_collections.ConfigDict], Any] = replicated
-  start_epoch: Callable[[ml_collections.ConfigDict], Callable | None] = no_epoch_work
+  start_epoch: Callable[[ml_collections.ConfigDict], Callable | None] = not_needed
   update_state: Callable[..., Any] = keep_state
-  init_from_data: Callable[[ml_collections.ConfigDict], Callable | None] = no_data_init
+  init_from_data: Callable[[ml_collections.ConfigDict], Callable | None] = not_needed
   encode: Callable[..., jax.Array] = models.encoder_features
