@@ -3,8 +3,9 @@
 import os
 
 # The tests' programs are tiny and compiled once each: compiling them without
-# LLVM's optimisations saves about a fifth of the suite's time (numerics do not
-# depend on it; tolerances are scaled to each tensor, see tests/tolerances.py).
+# LLVM's optimisations saves about a fifth of the suite's time. Results may move
+# in their last bits, which the tolerances scaled to each tensor absorb
+# (tests/tolerances.py).
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8'
                            ' --xla_backend_optimization_level=0').strip()
