@@ -4,7 +4,9 @@
         --workdir=/tmp/negatives --config.base.data.path=/data/cifar10/train
 
 SimCLR at batch 32/128/512 (62/254/1022 negatives), the memory bank and MoCo at
-batch 128 with 256/1024/4096 negatives, all with a ResNet-18 of width 0.125
+batch 128 with 256/1024/4096 negatives, the instance classifier at batch 128 (all
+N - 1 other images) with and without the contrastive prior and label smoothing,
+all with a ResNet-18 of width 0.125
 (64-d features), the MoCo v2 CIFAR augmentation and MLP head, temperature 0.1,
 SGD with cosine decay, 5 epochs, kNN (k=200) on 100 held-out images per class.
 On a GPU, widen the budget: ``--config.base.model.width=1.0
