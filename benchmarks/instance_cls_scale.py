@@ -65,7 +65,7 @@ def _peak_during(fn):
   return result, peak[0]
 
 
-def _config(num_rows: int):
+def _config():
   from configs import instance_cls_cifar10  # pylint: disable=g-import-not-at-top
   config = instance_cls_cifar10.get_config()
   config.global_batch_size = FLAGS.batch
@@ -74,21 +74,18 @@ def _config(num_rows: int):
   config.head.out_dim = FLAGS.dim
   config.instance_cls.contrastive_prior = False
   config.instance_cls.smoothing = 0.2
-  del num_rows
   return config
 
 
 def train_step_memory(num_rows: int) -> dict:
-  config = _config(num_rows)
+  config = _config()
   layout = loop.layout(config.global_batch_size)
   mesh, devices = layout.mesh, layout.mesh.devices.size
   method = instance_cls.METHOD
-  # steps_per_epoch 2: the measured step (step 1) is not an epoch start.
   run = RunInfo(num_examples=num_rows, num_devices=devices, total_steps=10)
   ctx = Context(model=method.build_model(config), config=config, run=run, axis_name='data')
   opt = loop.optimizer(config.optim, config.global_batch_size, 2, 10)
   state = train.init_state(method, ctx, opt.tx, mesh)
-  state = state.replace(step=jnp.ones((), jnp.int32))
   specs = train.state_specs(method, ctx, opt.tx)
   step = parallel.per_replica(train.make_train_step(method, ctx, opt.tx, opt.schedule),
                               mesh, in_specs=(specs, P('data')), out_specs=(specs, P()))
@@ -100,12 +97,18 @@ def train_step_memory(num_rows: int) -> dict:
       'label': np.full(config.global_batch_size, -1, np.int32)}, NamedSharding(mesh, P('data')))
   compiled = step.lower(state, batch).compile()
   rows = state.params['classifier']
-  shard_bytes = {shard.data.nbytes for shard in rows.addressable_shards}
+  momentum = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+              if any(getattr(key, 'key', None) == 'classifier' for key in path)]
+
+  def largest_shard_mb(arrays):
+    return max(shard.data.nbytes for a in arrays for shard in a.addressable_shards) / MB
+
+  classifier_mb, momentum_mb = largest_shard_mb([rows]), largest_shard_mb(momentum)
   before = _resident_bytes()
   (state, metrics), peak = _peak_during(lambda: compiled(state, batch))
   return {'rows': num_rows, 'devices': devices, 'rows_per_device': rows.shape[0] // devices,
-          'classifier_mb_per_device': max(shard_bytes) / MB,
-          'momentum_mb_per_device': max(shard_bytes) / MB,
+          'classifier_mb_per_device': classifier_mb,
+          'momentum_mb_per_device': momentum_mb,
           'whole_table_mb': num_rows * FLAGS.dim * 4 / MB,
           'host_resident_mb_before_step': before / MB,
           'host_peak_mb_during_step': peak / MB,
