@@ -11,6 +11,9 @@ images. The eval split of a labelled folder is one of
   folder does not shift the labels of the others; the train split is then the
   whole of ``data.path``.
 
+Class sub-folders are read recursively, following symlinks, but each real folder
+and real file is listed once, so symlink loops and second links add nothing.
+
 A split's order is its sorted paths followed by a fixed shuffle, so holdout images
 are spread over the folder and the order is the same on every host. The listing
 (``folder_split``) is shared with the streaming pipeline in ``pipeline.py``.
@@ -31,7 +34,7 @@ from contrastive.data import sources
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
-# Number of unreadable file (or empty class folder) names quoted in warnings.
+# Number of file or folder names quoted in a warning.
 _NUM_SKIPPED_NAMED = 5
 
 
@@ -124,7 +127,7 @@ def _scan(root: str, field: str) -> tuple[list[os.DirEntry], list[str]]:
 def _labelled_files(root: str, field: str, class_dirs, class_labels) -> tuple[list[str],
                                                                                np.ndarray]:
   """Sorted image files of each class sub-folder, and int32 labels from ``class_labels``."""
-  per_class = [_image_files_under(d.path) for d in class_dirs]
+  per_class = _class_files(root, class_dirs)
   if not any(per_class):
     raise ValueError(f'The class sub-folders of {field}={root!r} contain no images '
                      f"({', '.join(IMAGE_EXTENSIONS)}).")
@@ -200,13 +203,61 @@ def _is_image_file(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
-def _image_files_under(directory: str) -> list[str]:
-  """All image files below ``directory`` (recursively), sorted; hidden entries skipped."""
-  found = []
-  for parent, subdirs, files in os.walk(directory, followlinks=True):
-    subdirs[:] = [d for d in subdirs if not d.startswith('.')]
-    found.extend(os.path.join(parent, f) for f in files if _is_image_file(f))
-  return sorted(found)
+def _class_files(root: str, class_dirs) -> list[list[str]]:
+  """All image files below each class sub-folder (recursively), sorted per class;
+  hidden entries skipped.
+
+  Symlinks are followed, but each real folder and each real file is listed once: a
+  folder already listed (the root, a class folder, or one reached before through
+  another link) is skipped, and so is a file reached before through another path,
+  the first path in class then name order being kept. So a symlink loop cannot
+  multiply a class, and no file gets two labels or lands in both the train and the
+  holdout eval split. Symlinked files to distinct real files all stay.
+  """
+  listed_dirs = {os.path.realpath(root)} | {os.path.realpath(d.path) for d in class_dirs}
+  listed_files = set()
+  repeated_dirs, repeated_files = [], []
+
+  def real_path(entry, real_parent):
+    # Only links need resolving: any other entry's real path follows its folder's.
+    return (os.path.realpath(entry.path) if entry.is_symlink()
+            else real_parent + os.sep + entry.name)
+
+  def walk(directory, real_dir, found):
+    try:
+      with os.scandir(directory) as entries:
+        entries = sorted(entries, key=lambda e: e.name)
+    except OSError:
+      return  # An unreadable folder is left out, as os.walk leaves it.
+    for entry in entries:
+      if entry.name.startswith('.'):
+        continue
+      if entry.is_dir():
+        real = real_path(entry, real_dir)
+        if real in listed_dirs:
+          repeated_dirs.append(entry.path)
+        else:
+          listed_dirs.add(real)
+          walk(entry.path, real, found)
+      elif _is_image_file(entry.name):
+        real = real_path(entry, real_dir)
+        if real in listed_files:
+          repeated_files.append(entry.path)
+        else:
+          listed_files.add(real)
+          found.append(entry.path)
+
+  per_class = []
+  for class_dir in class_dirs:
+    found = []
+    walk(class_dir.path, os.path.realpath(class_dir.path), found)
+    per_class.append(sorted(found))
+  if repeated_dirs or repeated_files:
+    logging.warning(
+        'Symlinks under %s reach %d folders and %d image files a second time (loops or '
+        'second links); each is listed once, skipped: %s', root, len(repeated_dirs),
+        len(repeated_files), ', '.join((repeated_dirs + repeated_files)[:_NUM_SKIPPED_NAMED]))
+  return per_class
 
 
 def _decode_file(path: str, size: int) -> np.ndarray | None:

@@ -1,11 +1,14 @@
 """Streaming host input pipeline (tf.data) for datasets too large for host memory.
 
 Each process reads only its floor block of the split (see ``sources.shard_bounds``),
-keeps examples encoded until after shuffling (so the shuffle buffer holds
-compressed bytes, not decoded ImageNet images), then decodes and does the
-geometric part of SimCLR's augmentation on the host: a random resized crop and a
-horizontal flip per view. Colour augmentations run later on the accelerator
+keeps examples encoded until after shuffling (so a shuffle buffer holds compressed
+bytes, not decoded ImageNet images), then decodes and does the geometric part of
+SimCLR's augmentation on the host: a random resized crop and a horizontal flip per
+view. Colour augmentations run later on the accelerator
 (``augment.augment_batch(..., crop=False)``), so views leave here as uint8.
+
+Training reads an endless stream that is a pure function of (seed, process, stream
+position), so a resumed run continues it exactly (see ``train_iterator``).
 
 TensorFlow is imported inside the functions, with GPUs hidden from it, because
 accelerator hosts that use in-memory data need not have it installed.
@@ -13,9 +16,13 @@ accelerator hosts that use in-memory data need not have it installed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Iterator
+import os
+from typing import Callable, Iterator
 
+from absl import logging
 import numpy as np
 
 from contrastive.data import evaluation
@@ -24,47 +31,76 @@ from contrastive.data import sources
 from contrastive.data import tfds_source
 
 # Encoded examples held by the tfds shuffle buffer (ImageNet JPEGs average ~110 kB).
-# Image folders shuffle their whole file list instead.
+# Image folders permute their whole file list instead.
 _SHUFFLE_BUFFER = 10_000
+# TFDS record files read at once while training (TFDS's own default).
+_INTERLEAVED_FILES = 16
 # Random-resized-crop attempts before falling back to the whole image.
 _CROP_ATTEMPTS = 10
+# Unreadable file names quoted in an evaluation pass's warning.
+_NUM_SKIPPED_NAMED = 5
 
 
 def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: int,
-                   shard_count: int) -> Iterator[dict]:
-  """Endless shuffled batches of host-augmented views of this process's block.
+                   shard_count: int, start_position: int = 0) -> Iterator[dict]:
+  """Endless batches of host-augmented views of this process's block, resumable exactly.
+
+  The process reads an endless stream of its block of ``block_length`` examples:
+  pass ``e`` over the block is drawn from ``(seed, shard_index, e)`` alone (a
+  permutation of an image folder's files; for tfds, the record files in a drawn
+  order mixed by a seeded buffer), and stream position ``e * block_length + k`` is
+  the ``k``-th example of pass ``e``. An example's crops and flips are drawn from
+  ``(seed, shard_index, position)``, so batches never depend on where reading
+  started: ``start_position=p`` yields exactly the batches of an iterator started
+  at 0 from the first one that starts at position ``p`` or later. To resume, pass
+  ``batch['position'][-1] + 1`` of the last batch consumed (with the same seed,
+  process layout and files); the examples before it are not decoded.
 
   ``views`` are the method's views (each with ``aug`` and ``size``): each gets its
   own random resized crop (``aug.crop_area``, ``aug.crop_aspect``) to its size and
   flip (``aug.flip_prob``). Yields numpy dicts ``{'views': (uint8 [b, S, S, 3],
-  ...), 'label': int32 [b] (-1 when unlabelled), 'index': int32 [b]}`` (the
-  image's position in the split, for methods that keep per-image state);
-  incomplete batches are dropped.
+  ...), 'label': int32 [b] (-1 when unlabelled), 'index': int32 [b] (the image's
+  position in the split, for methods that keep per-image state), 'position': int64
+  [b] (stream positions, increasing)}``. Batches run on across passes.
+
+  An unreadable image is left out of the stream (the next ones fill the batch) and
+  named once in a warning. Each pass then holds fewer images than the file count
+  the trainer's epoch length is counted from, so its step-counted epochs run that
+  fraction ahead of the passes; no image is dropped or repeated for it.
   """
   tf = sources.import_tensorflow()
-  process_seed = _process_seed(seed, shard_index)
-  encoded = _encoded_examples(data, 'train', shard_index, shard_count, process_seed)
-  if encoded is None:
+  if start_position < 0:
+    raise ValueError(f'start_position must be >= 0, got {start_position}.')
+  _check_streamable(data, 'train', shard_index, shard_count)
+  stream = (_tfds_stream if data.source == 'tfds' else _folder_stream)(
+      data, seed, shard_index, shard_count, start_position)
+  if stream is None:
     raise ValueError(f'Process {shard_index} of {shard_count} has no training examples: the '
                      'split is smaller than the number of processes.')
+  encoded, name_of = stream
+  process_seed = _process_seed(seed, shard_index)
   crops = [(int(view.size), tuple(view.aug.crop_area), tuple(view.aug.crop_aspect),
             float(view.aug.flip_prob)) for view in views]
 
-  def augmented_views(index, example):
+  def augmented_views(example):
     image = _decode(tf, example['encoded'])
     view_seeds = tf.random.experimental.stateless_split(
-        tf.stack([tf.constant(process_seed, tf.int64), index]), len(crops))
+        tf.stack([tf.constant(process_seed, tf.int64), example['position']]), len(crops))
     return {'views': tuple(_crop_and_flip(tf, image, view_seeds[v], *crop)
                            for v, crop in enumerate(crops)),
-            'label': example['label'], 'index': example['index']}
+            'label': example['label'], 'index': example['index'],
+            'position': example['position']}
 
-  ds = encoded.repeat().enumerate()
-  ds = ds.map(augmented_views, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.ignore_errors(log_warning=True)
+  ds = encoded.map(augmented_views, num_parallel_calls=tf.data.AUTOTUNE)
+  # Drops the examples that fail to read or decode, without TensorFlow's per-example
+  # log lines: _name_skipped names each one once instead.
+  ds = ds.ignore_errors()
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()
-  options.deterministic = False
-  return ds.with_options(options).as_numpy_iterator()
+  # In-order parallel map: batch composition must not depend on thread timing.
+  options.deterministic = True
+  return _name_skipped(ds.with_options(options).as_numpy_iterator(), start_position,
+                       name_of)
 
 
 def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
@@ -72,17 +108,21 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
   """One pass over this process's block of a split, in a fixed order.
 
   Yields numpy dicts ``{'image': uint8 [b, S, S, 3], 'label': int32 [b] (-1 when
-  unlabelled), 'mask': bool [b], 'index': int32 [b] (position in the split)}``; the last batch is padded to ``local_batch_size``
-  with zero images, label -1 and mask False. Unreadable images are skipped. An
-  empty block (more processes than examples) yields nothing.
+  unlabelled), 'mask': bool [b], 'index': int32 [b] (position in the split)}``; the
+  last batch is padded to ``local_batch_size`` with zero images, label -1 and mask
+  False. Unreadable images are skipped and counted in one warning at the end of the
+  pass. An empty block (more processes than examples) yields nothing.
   """
   tf = sources.import_tensorflow()
   crop_fraction = float(data.eval_crop_fraction)
   if not 0 < crop_fraction <= 1:
     raise ValueError(f'data.eval_crop_fraction must be in (0, 1], got {crop_fraction}.')
-  encoded = _encoded_examples(data, split, shard_index, shard_count, shuffle_seed=None)
-  if encoded is None:
+  _check_streamable(data, split, shard_index, shard_count)
+  block = (_tfds_in_order if data.source == 'tfds' else _folder_in_order)(
+      data, split, shard_index, shard_count)
+  if block is None:
     return iter(())
+  encoded, (start, stop), name_of = block
   size = data.image_size
 
   def preprocess(example):
@@ -90,14 +130,45 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
     return {'image': image, 'label': example['label'], 'index': example['index']}
 
   ds = encoded.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.ignore_errors(log_warning=True)
+  ds = ds.ignore_errors()
   ds = ds.batch(local_batch_size).prefetch(tf.data.AUTOTUNE)
-  return _pad_last(ds.as_numpy_iterator(), local_batch_size)
+  return _pad_last(ds.as_numpy_iterator(), local_batch_size, start, stop, name_of)
 
 
-def _pad_last(batches, batch_size: int) -> Iterator[dict]:
+def _name_skipped(batches, start_position: int, name_of: Callable[[int], str]):
+  """Passes the batches on, warning once per example that a gap in 'position' shows
+  was left out."""
+  named = set()
+  expected = start_position
   for batch in batches:
-    yield evaluation.pad_batch(batch['image'], batch['label'], batch_size, batch['index'])
+    positions = batch['position']
+    for position in np.setdiff1d(np.arange(expected, positions[-1] + 1), positions):
+      name = name_of(int(position))
+      if name not in named:
+        named.add(name)
+        logging.warning('Skipped unreadable image %s (%d skipped so far); the following '
+                        'images take its place.', name, len(named))
+    expected = positions[-1] + 1
+    yield batch
+
+
+def _pad_last(batches, batch_size: int, start: int, stop: int,
+              name_of: Callable[[int], str]) -> Iterator[dict]:
+  """Pads the last batch; at the end of the pass, one warning names what was skipped
+  (the gaps in the block's consecutive 'index')."""
+  skipped = []
+  expected = start
+  for batch in batches:
+    index = batch['index']
+    skipped.extend(np.setdiff1d(np.arange(expected, index[-1] + 1), index).tolist())
+    expected = index[-1] + 1
+    yield evaluation.pad_batch(batch['image'], batch['label'], batch_size, index)
+  skipped.extend(range(expected, stop))
+  if skipped:
+    logging.warning('Skipped %d of %d images that could not be read or decoded: %s%s',
+                    len(skipped), stop - start,
+                    ', '.join(name_of(i) for i in skipped[:_NUM_SKIPPED_NAMED]),
+                    ', ...' if len(skipped) > _NUM_SKIPPED_NAMED else '')
 
 
 def _process_seed(seed: int, shard_index: int) -> int:
@@ -105,26 +176,25 @@ def _process_seed(seed: int, shard_index: int) -> int:
   return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
 
 
-def _encoded_examples(data, split: str, shard_index: int, shard_count: int,
-                      shuffle_seed: int | None):
-  """``{'encoded': string, 'label': int32, 'index': int32}`` examples of this
-  process's block; ``index`` is the example's position in the whole split.
+def _pass_draws(seed: int, shard_index: int, length: int, epoch: int):
+  """Pass ``epoch``'s order of ``length`` files (a permutation) and shuffle-buffer
+  seed, drawn from the arguments alone: any pass is redrawn without the ones before."""
+  rng = np.random.default_rng([seed, shard_index, epoch])
+  return rng.permutation(length), rng.integers(2**31 - 1, dtype=np.int64)
 
-  With a ``shuffle_seed`` the order is shuffled (and reshuffled every epoch);
-  without one it is the split's fixed order. None when the block is empty.
-  """
+
+def _check_streamable(data, split: str, shard_index: int, shard_count: int) -> None:
   sources.check_source(data.source)
   sources.check_split(split)
   sources.check_shard(shard_index, shard_count)
   if data.source == 'digits':
     raise ValueError("data.source='digits' is in-memory only: set data.in_memory=True.")
-  if data.source == 'tfds':
-    return _tfds_examples(data, split, shard_index, shard_count, shuffle_seed)
-  return _folder_examples(data, split, shard_index, shard_count, shuffle_seed)
 
 
-def _folder_examples(data, split, shard_index, shard_count, shuffle_seed):
-  tf = sources.import_tensorflow()
+# ----------------------------------------------------------------------------- folder
+
+def _folder_block(data, split: str, shard_index: int, shard_count: int):
+  """(paths, int32 labels, first split index) of this process's block; None if empty."""
   listing = folder.folder_split(data, split)
   start, stop = sources.shard_bounds(len(listing.paths), shard_index, shard_count)
   paths = listing.paths[start:stop]
@@ -132,58 +202,171 @@ def _folder_examples(data, split, shard_index, shard_count, shuffle_seed):
     return None
   labels = (np.full(len(paths), -1, np.int32) if listing.labels is None
             else listing.labels[start:stop])
-  index = np.arange(start, stop, dtype=np.int32)
+  return paths, labels, start
+
+
+def _folder_in_order(data, split, shard_index, shard_count):
+  """``(examples, (start, stop), name_of)``: the block's ``{'encoded', 'label',
+  'index'}`` in the split's order, its index range, and index -> file path."""
+  tf = sources.import_tensorflow()
+  block = _folder_block(data, split, shard_index, shard_count)
+  if block is None:
+    return None
+  paths, labels, start = block
+  index = np.arange(start, start + len(paths), dtype=np.int32)
   ds = tf.data.Dataset.from_tensor_slices({'path': paths, 'label': labels, 'index': index})
-  if shuffle_seed is not None:
-    ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-  return ds.map(lambda ex: {'encoded': tf.io.read_file(ex['path']), 'label': ex['label'],
-                            'index': ex['index']},
-                num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda ex: {'encoded': tf.io.read_file(ex['path']), 'label': ex['label'],
+                          'index': ex['index']},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds, (start, start + len(paths)), lambda i: paths[i - start]
 
 
-def _tfds_examples(data, split, shard_index, shard_count, shuffle_seed):
+def _folder_stream(data, seed, shard_index, shard_count, start_position):
+  """``(stream, name_of)``: the block's endless ``{'encoded', 'label', 'index',
+  'position'}`` from ``start_position`` on (see ``train_iterator``), and position ->
+  file path. Files before ``start_position`` are not read."""
+  tf = sources.import_tensorflow()
+  block = _folder_block(data, 'train', shard_index, shard_count)
+  if block is None:
+    return None
+  paths, labels, start = block
+  length = len(paths)
+  order = functools.lru_cache(maxsize=2)(
+      lambda epoch: _pass_draws(seed, shard_index, length, epoch)[0])
+  first_epoch, first_offset = divmod(start_position, length)
+
+  def pass_files(epoch):
+    files = tf.numpy_function(lambda e: order(int(e)), [epoch], tf.int64, stateful=False)
+    files.set_shape([length])
+    skip = first_offset * tf.cast(epoch == first_epoch, tf.int64)
+    return tf.data.Dataset.from_tensor_slices(
+        {'position': tf.range(epoch * length + skip, (epoch + 1) * length),
+         'file': files[skip:]})
+
+  path_table, label_table = tf.constant(paths), tf.constant(labels)
+
+  def read(example):
+    file = example['file']
+    return {'encoded': tf.io.read_file(tf.gather(path_table, file)),
+            'label': tf.gather(label_table, file),
+            'index': tf.cast(file + start, tf.int32), 'position': example['position']}
+
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(pass_files)
+  ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def name_of(position):
+    epoch, offset = divmod(position, length)
+    return paths[order(epoch)[offset]]
+
+  return ds, name_of
+
+
+# ----------------------------------------------------------------------------- tfds
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsBlock:
+  """This process's block of a TFDS split as record files, in the split's order."""
+  files: tuple[np.ndarray, ...]  # per file: path, records to skip, records to take,
+                                 # split index of the first record taken
+  length: int                    # examples in the block
+  read: Callable                 # (path, skip, take, first) -> {'record', 'index'} dataset
+  parse: Callable                # {'record', 'index'} -> {'encoded', 'label', 'index'}
+  name: str                      # the dataset and split, for messages
+
+
+def _tfds_block(data, split, shard_index, shard_count) -> _TfdsBlock | None:
+  """None when the block is empty. Records stay serialized until ``parse``, so
+  skipping and shuffle buffers handle bytes only."""
   tf = sources.import_tensorflow()
   tfds = tfds_source.import_tfds()
   builder = tfds_source.tfds_builder(data)
   has_label, _ = tfds_source.tfds_label_info(builder, data.name)
-  if not isinstance(builder.info.features['image'], tfds.features.Image):
+  features = builder.info.features
+  if not isinstance(features['image'], tfds.features.Image):
     raise ValueError(f"Streaming needs an encoded tfds.features.Image 'image' feature; "
-                     f"{data.name!r} has {builder.info.features['image']!r}.")
+                     f"{data.name!r} has {features['image']!r}.")
   split_name = tfds_source.tfds_split_name(data, split)
   instruction, _ = tfds_source.tfds_shard(builder, split_name, shard_index, shard_count)
   if instruction is None:
     return None
-  shuffle = shuffle_seed is not None
-  # Unshuffled reads go one file at a time, so they follow the split's fixed order
-  # (the same as the in-memory source); shuffled reads interleave files for speed.
-  # Either way each example's tfds_id (file and record) gives its split index.
-  read_config = (tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=True) if shuffle
-                 else tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=True))
-  ds = builder.as_dataset(
-      split=instruction, shuffle_files=shuffle,
-      decoders={'image': tfds.decode.SkipDecoding()}, read_config=read_config)
+  file_format = builder.info.file_format
+  adapter = tfds.core.file_adapters.ADAPTER_FOR_FORMAT[file_format]
+  if not adapter.SUPPORTS_TF_DATA:
+    raise ValueError(f'TFDS dataset {data.name!r} is stored as {file_format.value} files, '
+                     'which tf.data cannot read; prepare it as tfrecord to stream it.')
+  # A record's split index is its file's offset plus its number within the file.
   offsets = tfds_source.tfds_file_offsets(builder, split_name)
-  file_offset = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(list(offsets), list(offsets.values()),
-                                          tf.string, tf.int64), default_value=-2**62)
+  instructions = builder.info.splits[instruction].file_instructions
+  files = (np.array([f.filename for f in instructions]),
+           np.array([f.skip for f in instructions], np.int64),
+           np.array([f.take for f in instructions], np.int64),
+           np.array([offsets[os.path.basename(f.filename)] + f.skip for f in instructions],
+                    np.int64))
 
-  def select(example):
-    label = (tf.cast(example['label'], tf.int32) if has_label
+  def read(path, skip, take, first):
+    return tf.data.Dataset.zip({'record': adapter.make_tf_data(path).skip(skip).take(take),
+                                'index': tf.data.Dataset.range(first, first + take)})
+
+  def parse(example):
+    fields = features.deserialize_example(example['record'],
+                                          decoders={'image': tfds.decode.SkipDecoding()})
+    label = (tf.cast(fields['label'], tf.int32) if has_label
              else tf.constant(-1, tf.int32))
-    # tfds_id is '<file name>__<record number>'.
-    parts = tf.strings.split(example['tfds_id'], '__', maxsplit=1)
-    index = file_offset.lookup(parts[0]) + tf.strings.to_number(parts[1], tf.int64)
-    # A file missing from the listing gets the default offset: fail, never mislabel.
-    with tf.control_dependencies([tf.debugging.assert_non_negative(
-        index, message=f'{data.name}: a record file outside the split listing')]):
-      index = tf.identity(index)
-    return {'encoded': example['image'], 'label': label, 'index': tf.cast(index, tf.int32)}
+    return {'encoded': fields['image'], 'label': label,
+            'index': tf.cast(example['index'], tf.int32)}
 
-  ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
-  if shuffle:
-    ds = ds.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
-  return ds
+  return _TfdsBlock(files=files, length=int(files[2].sum()), read=read, parse=parse,
+                    name=f'TFDS {data.name} {split_name!r}')
 
+
+def _tfds_in_order(data, split, shard_index, shard_count):
+  """Like ``_folder_in_order``; one file at a time, so the order is the split's fixed
+  order (the in-memory source's) whatever the block."""
+  tf = sources.import_tensorflow()
+  block = _tfds_block(data, split, shard_index, shard_count)
+  if block is None:
+    return None
+  ds = tf.data.Dataset.from_tensor_slices(block.files).flat_map(block.read)
+  ds = ds.map(block.parse, num_parallel_calls=tf.data.AUTOTUNE)
+  start = int(block.files[3][0])
+  return ds, (start, start + block.length), lambda i: f'record {i} of {block.name}'
+
+
+def _tfds_stream(data, seed, shard_index, shard_count, start_position):
+  """Like ``_folder_stream``. Pass ``e`` reads the block's record files in an order
+  drawn from ``(seed, shard_index, e)``, several at once in a fixed rotation, through
+  a shuffle buffer seeded from the same. Resuming reads the records of the current
+  pass before ``start_position`` (the buffer needs them) without parsing or decoding."""
+  tf = sources.import_tensorflow()
+  block = _tfds_block(data, 'train', shard_index, shard_count)
+  if block is None:
+    return None
+  num_files, length = len(block.files[0]), block.length
+  first_epoch, first_offset = divmod(start_position, length)
+
+  def pass_records(epoch):
+    order, buffer_seed = tf.numpy_function(
+        lambda e: _pass_draws(seed, shard_index, num_files, int(e)), [epoch],
+        (tf.int64, tf.int64), stateful=False)
+    records = tf.data.Dataset.from_tensor_slices(tuple(tf.gather(f, order)
+                                                       for f in block.files))
+    records = records.interleave(block.read, cycle_length=min(_INTERLEAVED_FILES, num_files),
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    records = records.shuffle(_SHUFFLE_BUFFER, seed=buffer_seed,
+                              reshuffle_each_iteration=False)
+    positions = tf.data.Dataset.range(epoch * length, (epoch + 1) * length)
+    skip = first_offset * tf.cast(epoch == first_epoch, tf.int64)
+    return tf.data.Dataset.zip((records, positions)).skip(skip)
+
+  def parse_at(example, position):
+    return {**block.parse(example), 'position': position}
+
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(pass_records)
+  ds = ds.map(parse_at, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds, lambda position: f'at stream position {position} of {block.name}'
+
+
+# ----------------------------------------------------------------------------- decoding
 
 def _decode(tf, encoded):
   """Any of JPEG/PNG/GIF/BMP/WebP -> uint8 [H, W, 3] (first frame of an animation)."""
