@@ -1,37 +1,179 @@
 """Orbax checkpoints of the whole :class:`TrainState`, and resume.
 
 The state holds the step, parameters, BatchNorm statistics, optimizer state and
-the method's own state (EMA targets, queues). No RNG state is stored: every random
-draw of a step is derived from ``(config.seed, step)``, so the step is enough.
+the method's own state (EMA targets, queues, banks). No RNG state is stored: every
+random draw of a step is derived from ``(config.seed, step)``, so the step is
+enough. Beside the state (item ``default``) each checkpoint holds a small JSON
+record (item ``run``): the device count it was written on and, for streamed data,
+where each process's input stream stands.
+
+A restart reads the newest checkpoint it can. One that cannot be read (a file
+truncated or missing, metadata emptied) is moved aside into
+``checkpoints_unreadable/`` and the one before it is tried, so a damaged save
+never stops a run that has an older good one. A checkpoint whose arrays do not
+match the state the config builds is a config error, never skipped.
 """
 
-import os
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+STATE, RUN = 'default', 'run'
+UNREADABLE = 'checkpoints_unreadable'
 
 
-def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def make_manager(directory: epath.Path, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     RUN: ocp.JsonCheckpointHandler()})
 
 
-def restore_or_keep(manager: ocp.CheckpointManager, state):
-  """The latest checkpoint restored onto ``state``'s shapes and shardings, or
-  ``state`` itself when the workdir has none (a fresh run)."""
-  step = manager.latest_step()
-  if step is None:
-    return state
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-
-
-def save(manager: ocp.CheckpointManager, state) -> None:
-  """Asynchronous save; the next save or :func:`finish` waits for it."""
-  manager.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state))
+def save(manager: ocp.CheckpointManager, state, run: dict) -> None:
+  """Asynchronous save of ``state`` and the ``run`` record; the next save or
+  :func:`finish` waits for it."""
+  manager.save(int(jax.device_get(state.step)), args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave(state), RUN: ocp.args.JsonSave(run)}))
 
 
 def finish(manager: ocp.CheckpointManager) -> None:
   manager.wait_until_finished()
   manager.close()
+
+
+class Restored(NamedTuple):
+  state: Any
+  run: dict          # the checkpoint's run record; {} for a fresh run
+
+
+def restore_newest(manager: ocp.CheckpointManager, state, num_devices: int, say,
+                   config_hint: str = '') -> Restored:
+  """The newest readable checkpoint on ``state``'s shapes and shardings, or
+  ``state`` itself when there is none (a fresh run).
+
+  Rows of arrays split across devices are re-laid out when the checkpoint was
+  written on another device count (tables padded to a multiple of it). A
+  checkpoint whose arrays differ otherwise raises ValueError, ending with
+  ``config_hint`` (what changed in the config).
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved = manager.item_metadata(step)[STATE].tree
+      run = manager.restore(step, args=ocp.args.Composite(**{RUN: ocp.args.JsonRestore()}))[RUN]
+    except Exception as err:  # pylint: disable=broad-except
+      _skip(manager, step, _describe(err), say)
+      continue
+    relaid = _check_shapes(saved, state, step, manager.directory,
+                           num_devices != run.get('num_devices', num_devices), config_hint)
+    reason = ''
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(_restore_target(state, saved, relaid))}))[STATE]
+    except Exception as err:  # pylint: disable=broad-except
+      reason = _describe(err)
+    # Every process must take the same checkpoint, or the next collective hangs.
+    if not np.all(multihost_utils.process_allgather(np.asarray(not reason))):
+      _skip(manager, step, reason or 'another process could not read it', say)
+      continue
+    if relaid:
+      restored = _relayout(restored, state, relaid)
+      say(f'The checkpoint of step {step} was written on {run["num_devices"]} device(s): '
+          f'its split tables are re-laid out onto {num_devices}.')
+    return Restored(restored, run)
+  return Restored(state, {})
+
+
+def _describe(error: Exception) -> str:
+  """An exception in one short line (Orbax's can run to many)."""
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:200]}' if lines else type(error).__name__
+
+
+def _skip(manager, step: int, reason: str, say) -> None:
+  """Moves an unreadable checkpoint out of the manager's way, keeping its files."""
+  aside = epath.Path(manager.directory).parent / UNREADABLE / str(step)
+  multihost_utils.sync_global_devices(f'skip checkpoint {step}')
+  if jax.process_index() == 0:
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    suffix = 0
+    while (aside.parent / (f'{step}' + (f'.{suffix}' if suffix else ''))).exists():
+      suffix += 1
+    aside = aside.parent / (f'{step}' + (f'.{suffix}' if suffix else ''))
+    (epath.Path(manager.directory) / str(step)).rename(aside)
+  multihost_utils.sync_global_devices(f'skipped checkpoint {step}')
+  manager.reload()
+  say(f'WARNING: skipping the checkpoint of step {step}: it cannot be read ({reason}). '
+      f'Its files are kept in {aside}; trying the one before it.')
+
+
+def _name(path) -> str:
+  """'params/encoder/...': a leaf's path, the same for a state (attributes, named
+  tuples) and for the dicts and lists of a checkpoint's metadata tree."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def _leaves(tree) -> dict:
+  """``{name: leaf}`` of a state or of a checkpoint's metadata tree."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
+  return {_name(path): leaf for path, leaf in flat}
+
+
+def _check_shapes(saved, state, step, directory, devices_changed: bool,
+                  config_hint: str) -> set:
+  """The names of the split arrays to re-lay out; ValueError on any other mismatch."""
+  saved, wanted = _leaves(saved), _leaves(state)
+  problems, relaid = [], set()
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name not in saved or name not in wanted:
+      where = 'only the checkpoint' if name in saved else 'only this config'
+      problems.append(f'{name} (in {where})')
+      continue
+    old, new = tuple(saved[name].shape), tuple(wanted[name].shape)
+    if old == new:
+      continue
+    split = not wanted[name].sharding.is_fully_replicated
+    if devices_changed and split and old[1:] == new[1:]:
+      relaid.add(name)
+    else:
+      problems.append(f'{name} {old} in the checkpoint, {new} here')
+  if problems:
+    shown = problems[0] + (f' (and {len(problems) - 1} more arrays)' if len(problems) > 1
+                           else '')
+    raise ValueError(
+        f'The checkpoint of step {step} in {directory} does not fit the state this config '
+        f'builds: {shown}.{config_hint} Resume with the run\'s own config, or use a new '
+        '--workdir.')
+  return relaid
+
+
+def _restore_target(state, saved, relaid: set):
+  """``state``'s abstract arrays; re-laid-out tables at their saved shape, replicated."""
+  saved = _leaves(saved)
+
+  def target(path, leaf):
+    name = _name(path)
+    if name in relaid:
+      replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+      return jax.ShapeDtypeStruct(tuple(saved[name].shape), leaf.dtype, sharding=replicated)
+    return ocp.utils.to_shape_dtype_struct(leaf)
+  return jax.tree_util.tree_map_with_path(target, state)
+
+
+def _relayout(restored, state, relaid: set):
+  """Tables padded for another device count cut or zero-padded to this one's rows
+  (the padding rows are never read) and split over this mesh."""
+  def fit(path, value, leaf):
+    name = _name(path)
+    if name not in relaid:
+      return value
+    rows = leaf.shape[0]
+    host = np.asarray(value.addressable_data(0))[:rows]
+    host = np.concatenate([host, np.zeros((rows - len(host),) + host.shape[1:], host.dtype)])
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: host[index])
+  return jax.tree_util.tree_map_with_path(fit, restored, state)

@@ -15,14 +15,20 @@ def run(argv, work):
   Stray positional arguments are refused; libraries' INFO logs (Orbax) stay off the
   console unless ``--verbosity`` is given; a config or data error (ValueError,
   FileNotFoundError) says what to change in one line and exits with status 1, the
-  traceback only with ``--verbosity=1``.
+  traceback only with ``--verbosity=1``; a run stopped by a signal after saving
+  its checkpoint (:class:`contrastive.loop.Preempted`) says how to resume and
+  exits with status 0.
   """
+  from contrastive import loop  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   try:
     return work()
+  except loop.Preempted as stopped:
+    print(stopped, flush=True)
+    sys.exit(0)
   except (ValueError, FileNotFoundError) as err:
     logging.debug('Traceback of the error below:', exc_info=True)
     print(f'error: {err}\n(rerun with --verbosity=1 for the traceback)', file=sys.stderr)
@@ -54,4 +60,22 @@ def run_config_command(train_and_evaluate, config_help: str) -> None:
                                  process_id=process_id.value)
     train_and_evaluate(config.value, workdir.value)
 
-  app.run(lambda argv: run(argv, work))
+  app.run(lambda argv: run(argv, work), flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with an override of a field the config lacks named in
+  one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as err:
+    name = str(err).strip('"\'')
+    given = [arg for arg in argv[1:] if arg.startswith('--config.') and
+             name in arg.split('=', 1)[0].split('.')]
+    print(f'error: {given[0] if given else name}: the config has no field {name!r} '
+          '(see the config file and contrastive/config.py for the fields).',
+          file=sys.stderr)
+    sys.exit(1)
+  except flags.Error as err:
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(1)

@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
+  config.skip_nonfinite_steps = 0          # N > 0: skip such updates, stop after N in a row
 
   config.simclr = ml_collections.ConfigDict()
   config.simclr.temperature = 0.1
@@ -199,6 +200,7 @@ _AUG_PAIRS = {                             # name -> (rule as written, test of (
 _RUN_FIELDS = (('global_batch_size', '> 0'), ('num_epochs', '>= 0'),
                ('log_every_steps', '>= 1'), ('checkpoint_every_steps', '>= 1'),
                ('keep_checkpoints', '>= 1'))
+_PRETRAINING_FIELDS = (('skip_nonfinite_steps', '>= 0'),)
 _DATA_FIELDS = (('image_size', '>= 1'), ('eval_crop_fraction', 'in (0, 1]'),
                 ('holdout_per_class', '>= 0'))
 
@@ -324,7 +326,7 @@ def pretraining_problems(config) -> list[str]:
   ``check_config`` reads those)."""
   from contrastive import models  # pylint: disable=import-outside-toplevel
   from contrastive.models import resnet  # pylint: disable=import-outside-toplevel
-  problems = _fields(config, _RUN_FIELDS + (
+  problems = _fields(config, _RUN_FIELDS + _PRETRAINING_FIELDS + (
       ('model.name', tuple(resnet.ARCHITECTURES)), ('model.width', '> 0'),
       ('model.stem', resnet.STEMS), ('model.bn', models.BN_MODES),
       ('model.bn_momentum', 'in [0, 1)'),

@@ -20,7 +20,6 @@ standard 1% / 10% subsets use the TFDS builder ``imagenet2012_subset/1pct``
 """
 
 import json
-import os
 
 import flax.linen as nn
 import flax.struct
@@ -36,6 +35,8 @@ from contrastive import config as config_lib
 from contrastive import export
 from contrastive import loop
 from contrastive import parallel
+from contrastive import paths
+from contrastive import workdir as workdir_lib
 from contrastive.data import augment
 from contrastive.data import evaluation as eval_data
 from contrastive.data import in_memory
@@ -202,10 +203,9 @@ def _pretrained_step(config, manager, workdir: str) -> int | None:
   the pretraining run has saved newer checkpoints since."""
   if config.pretrained_step is not None:
     return config.pretrained_step
-  path = os.path.join(workdir, 'config.json')
-  if manager.latest_step() is not None and os.path.exists(path):
-    with open(path) as f:
-      return json.load(f).get('pretrained_step')
+  path = paths.resolve(workdir) / 'config.json'
+  if manager.latest_step() is not None and path.exists():
+    return json.loads(path.read_text()).get('pretrained_step')
   return None
 
 
@@ -239,14 +239,16 @@ def _labelled_data(config, data, layout: loop.Layout):
   return None, info.num_examples, info.num_classes
 
 
-def _streamed_batches(config, data, aug, local_batch: int, start_step: int):
-  """The host pipeline crops and flips; a restart reshuffles from a seed tied to
-  the resume step, as pretraining does."""
+def _streamed_batches(config, data, aug, local_batch: int, start_position: int):
+  """The host pipeline crops and flips; a restart continues its stream where the
+  checkpoint says, as pretraining does."""
   from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
-  stream = pipeline.train_iterator(data, [View(aug, data.image_size)], local_batch, seed=config.seed + start_step,
-                                   shard_index=jax.process_index(),
-                                   shard_count=jax.process_count())
-  return ({'image': batch['views'][0], 'label': batch['label']} for batch in stream)
+  stream = pipeline.train_iterator(data, [View(aug, data.image_size)], local_batch,
+                                   seed=config.seed, shard_index=jax.process_index(),
+                                   shard_count=jax.process_count(),
+                                   start_position=start_position)
+  return ({'image': batch['views'][0], 'label': batch['label'],
+           'position': batch['position']} for batch in stream)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -255,15 +257,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.pretrained:
     raise ValueError('config.pretrained is empty: set it to the workdir of a pretraining '
                      'run, e.g. --config.pretrained=/tmp/quickstart.')
-  if not os.path.isdir(config.pretrained):
+  if not paths.resolve(config.pretrained).is_dir():
     raise FileNotFoundError(f'config.pretrained={config.pretrained!r} is not a directory: '
                             'it must be the workdir of a pretraining run.')
   config_lib.validate_downstream(config)
-  with loop.Workdir(workdir, config.keep_checkpoints) as run_dir:
-    return _run(config, run_dir)
+  with loop.Preemption() as preemption, \
+       workdir_lib.Workdir(workdir, config.keep_checkpoints) as run_dir:
+    return _run(config, run_dir, preemption)
 
 
-def _run(config, run_dir: loop.Workdir) -> dict:
+def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> dict:
   # --- pretrained backbone
   pretrained = _load_pretrained(config, _pretrained_step(config, run_dir, run_dir.path))
   loaded = jax.tree.map(np.array, pretrained.variables)   # host copy for the final check
@@ -284,11 +287,10 @@ def _run(config, run_dir: loop.Workdir) -> dict:
   state = init_state(config.mode, classifier, opt.tx, pretrained, config.seed)
   frozen = pretrained.variables['params'] if linear else {}
   state, frozen = jax.device_put((state, frozen), parallel.replicated(layout.mesh))
-  state, start_step = run_dir.restore(state)
-  record = loop.config_record(config)
+  record = workdir_lib.config_record(config)
   record.update(data=data.to_dict(), pretrained_step=pretrained.step)
-  run_dir.record_config(record, resumed=start_step > 0)
-  say(f'{config.mode} on {os.path.abspath(config.pretrained)} (step {pretrained.step}, '
+  state, start_step, saved_run = run_dir.resume(state, record)
+  say(f'{config.mode} on {paths.resolve(config.pretrained)} (step {pretrained.step}, '
       f'{"frozen" if linear else "trained"} backbone): {num_examples} '
       f'training images ({100 * config.label_fraction:g}% of the labels), '
       f'{num_classes} classes, {layout.mesh.devices.size} device(s), global batch '
@@ -300,7 +302,9 @@ def _run(config, run_dir: loop.Workdir) -> dict:
                       aug, data.image_size, crop=data.in_memory, seed=config.seed),
       layout.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
   batches = (train_data.batches(start_step) if data.in_memory else
-             _streamed_batches(config, data, aug, layout.local_batch, start_step))
+             _streamed_batches(config, data, aug, layout.local_batch,
+                               loop.input_position(saved_run, start_step,
+                                                    layout.local_batch)))
   say(f'Training steps {start_step} -> {num_steps} ({steps_per_epoch:.4g} per epoch), '
       f'peak learning rate {opt.peak_lr:.4g}, {config.optim.schedule} schedule.')
   state = loop.train(
@@ -308,7 +312,7 @@ def _run(config, run_dir: loop.Workdir) -> dict:
       layout.mesh, start_step=start_step, num_steps=num_steps,
       steps_per_epoch=steps_per_epoch, global_batch=config.global_batch_size,
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
-      console=(('train top-1', 'train_accuracy', '.3f'), ('lr', 'learning_rate', '.4g')))
+      preemption=preemption, console=(('train top-1', 'train_accuracy', '.3f'), ('lr', 'learning_rate', '.4g')))
 
   # --- evaluation
   eval_step = parallel.per_replica(
@@ -323,7 +327,7 @@ def _run(config, run_dir: loop.Workdir) -> dict:
       'num_eval_images': int(len(labels)), 'num_train_images': int(num_examples),
       'mode': config.mode, 'label_fraction': config.label_fraction,
       'epochs': config.num_epochs, 'steps': num_steps,
-      'pretrained': os.path.abspath(config.pretrained), 'pretrained_step': pretrained.step,
+      'pretrained': str(paths.resolve(config.pretrained)), 'pretrained_step': pretrained.step,
   }
   if linear:
     _check_backbone_unchanged(loaded, {'params': frozen, 'batch_stats': state.batch_stats})

@@ -20,8 +20,8 @@ workdir, so that :func:`load_flax_encoder` needs only flax and jax.
 """
 
 import functools
+import io
 import json
-import os
 import pickle
 from typing import Any, NamedTuple
 
@@ -33,6 +33,7 @@ from absl import flags
 
 from contrastive import command_line
 from contrastive import models
+from contrastive import paths
 from contrastive.models import resnet
 
 FORMATS = ('flax', 'torchvision', 'detectron2')
@@ -60,12 +61,11 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from contrastive import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
+  config_path = paths.resolve(workdir) / 'config.json'
+  if not config_path.is_file():
     raise FileNotFoundError(f'{config_path} does not exist: {workdir} is not the '
                             'workdir of a training run.')
-  with open(config_path) as f:
-    saved = json.load(f)
+  saved = json.loads(config_path.read_text())
   if 'method' not in saved:
     raise ValueError(f'{config_path} is not the config of a pretraining run (it has no '
                      '"method"): point at the workdir of contrastive.main.')
@@ -73,8 +73,8 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
   config = config_lib.base_config()
   config.update(saved)
 
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = paths.resolve(workdir) / 'checkpoints'
+  if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist: the run in {workdir} saved '
                             'no checkpoint yet.')
   manager = ocp.CheckpointManager(
@@ -157,8 +157,7 @@ def export_flax(workdir: str, out_path: str, step: int | None = None) -> None:
       'step': pretrained.step,
       'variables': pretrained.variables,
   }
-  with open(out_path, 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(payload))
+  paths.resolve(out_path).write_bytes(flax.serialization.msgpack_serialize(payload))
 
 
 def load_flax_encoder(path: str) -> tuple[resnet.ResNet, dict]:
@@ -168,8 +167,7 @@ def load_flax_encoder(path: str) -> tuple[resnet.ResNet, dict]:
   the file's ``input`` entry says (``flax.serialization.msgpack_restore`` reads
   the whole file as a dict).
   """
-  with open(path, 'rb') as f:
-    payload = flax.serialization.msgpack_restore(f.read())
+  payload = flax.serialization.msgpack_restore(paths.resolve(path).read_bytes())
   if not isinstance(payload, dict) or payload.get('format') != _FLAX_FORMAT:
     raise ValueError(f'{path} is not a file written by contrastive.export.export_flax.')
   model = payload['model']
@@ -265,11 +263,11 @@ def export_torchvision(workdir: str, out_path: str, step: int | None = None) -> 
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   pretrained = load_pretrained(workdir, step)
-  safetensors.numpy.save_file(
-      torchvision_state_dict(pretrained), out_path,
+  paths.resolve(out_path).write_bytes(safetensors.numpy.save(
+      torchvision_state_dict(pretrained),
       metadata={'model': json.dumps(pretrained.config.model.to_dict()),
                 'input': json.dumps(_input_normalization(pretrained.config)),
-                'step': str(pretrained.step)})
+                'step': str(pretrained.step)}))
 
 
 # ------------------------------------------------------------------------- detectron2
@@ -333,11 +331,12 @@ def export_detectron2(workdir: str, out_path: str, step: int | None = None) -> N
   """
   pretrained = load_pretrained(workdir, step)
   checkpoint = {'model': detectron2_state_dict(pretrained),
-                '__author__': f'contrastive.export of {os.path.abspath(workdir)} '
+                '__author__': f'contrastive.export of {paths.resolve(workdir)} '
                               f'step {pretrained.step}',
                 'matching_heuristics': False}
-  with open(out_path, 'wb') as f:
-    _PortablePickler(f, protocol=4).dump(checkpoint)
+  buffer = io.BytesIO()
+  _PortablePickler(buffer, protocol=4).dump(checkpoint)
+  paths.resolve(out_path).write_bytes(buffer.getvalue())
 
 
 # ----------------------------------------------------------------------- command line

@@ -1,19 +1,21 @@
 """The run loop that pretraining and downstream evaluation share.
 
 Everything around a train step that does not depend on what is trained: the mesh
-and batch checks, the optimizer and its schedule, the workdir (restore, the
-config record, results, metrics) and the loop itself (input from the resume step
-on, step logging, checkpoint cadence). ``train.py`` and ``downstream.py`` say
-only what they train and how they evaluate it.
+and batch checks, the optimizer and its schedule, and the loop itself (input from
+the resume step on, step logging, divergence checks, checkpoint cadence, stopping
+on a signal). The workdir is :mod:`contrastive.workdir`'s. ``train.py`` and
+``downstream.py`` say only what they train and how they evaluate it.
 """
 
-import json
-import os
+import signal
+import threading
 from typing import Callable, Iterator, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from contrastive import checkpoint
 from contrastive import metrics as metrics_lib
@@ -66,110 +68,163 @@ def optimizer(optim_config: ml_collections.ConfigDict, global_batch: int,
   return Optimizer(optim.make_optimizer(optim_config, schedule), schedule, peak_lr)
 
 
-# ----------------------------------------------------------------------------- workdir
-
-class Workdir:
-  """A run's directory: checkpoints, metrics, ``config.json`` and results.
-
-  A context manager: on exit (an exception included, a kill not) the checkpoint
-  in flight completes and the metric files close.
-  """
-
-  def __init__(self, path: str, keep_checkpoints: int):
-    self.path = path
-    self.manager = checkpoint.make_manager(path, keep_checkpoints)
-    self.writer = metrics_lib.MetricWriter(path)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    checkpoint.finish(self.manager)
-    self.writer.close()
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def restore(self, state):
-    """``(state, start_step)``: the latest checkpoint, or ``state`` for a new run."""
-    state = checkpoint.restore_or_keep(self.manager, state)
-    start_step = int(jax.device_get(state.step))
-    if start_step:
-      say(f'Resuming from the checkpoint of step {start_step} in {self.manager.directory}.')
-    return state, start_step
-
-  def record_config(self, record: dict, resumed: bool) -> None:
-    """Writes ``config.json``; warns when a resumed run's config differs from it."""
-    if jax.process_index() != 0:
-      return
-    path = os.path.join(self.path, 'config.json')
-    text = json.dumps(record, indent=2, sort_keys=True, default=str)
-    if resumed and os.path.exists(path):
-      with open(path) as f:
-        before = _flatten(json.load(f))
-      after = _flatten(json.loads(text))
-      changed = sorted(key for key in before.keys() | after.keys()
-                       if before.get(key) != after.get(key))
-      if changed:
-        say(f'WARNING: resuming with a config that differs from {path} in: '
-            f'{", ".join(changed)}.')
-    with open(path, 'w') as f:
-      f.write(text)
-
-  def write_results(self, filename: str, step: int, results: dict, scalars: dict) -> None:
-    """``results`` as ``filename`` (JSON) and ``scalars`` into the metrics at ``step``."""
-    self.writer.write(step, scalars)
-    if jax.process_index() == 0:
-      with open(os.path.join(self.path, filename), 'w') as f:
-        json.dump(results, f, indent=2)
-
-
-def config_record(config: ml_collections.ConfigDict) -> dict:
-  """A config as ``config.json`` records it."""
-  return json.loads(config.to_json_best_effort())
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 # ----------------------------------------------------------------------------- loop
 
-def train(workdir: Workdir, state, train_step, batches: Iterator[dict], mesh, *,
+class Preempted(Exception):
+  """The run was asked to stop (SIGTERM, Ctrl-C) and saved the step in flight."""
+
+  def __init__(self, step: int, checkpoints):
+    super().__init__(f'Stopped by a signal at step {step}; its checkpoint is in '
+                     f'{checkpoints}. Run the same command again to resume from it.')
+    self.step = step
+
+
+class Preemption:
+  """Turns SIGTERM (cloud preemption, SLURM) and Ctrl-C into "save and stop".
+
+  On one process a handler notes the signal and the loop stops after the step in
+  flight. On several, JAX's distributed runtime catches SIGTERM and
+  ``reached_preemption_sync_point`` makes every process agree on one step to
+  save at. A second Ctrl-C interrupts at once. Entered around a whole command
+  (data loading and compilation included), so that no signal ends a run unsaved;
+  outside it, nothing is ever signalled.
+  """
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for number in (signal.SIGTERM, signal.SIGINT):
+        self._previous[number] = signal.signal(number, self._note)
+    return self
+
+  def _note(self, number, frame):
+    del frame
+    self.signal = signal.Signals(number).name
+    if number == signal.SIGINT:        # the next Ctrl-C is an ordinary interrupt
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def __exit__(self, *exc):
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signal is not None
+
+
+class DivergenceGuard:
+  """Finds the first step whose loss or gradient norm is not finite.
+
+  The scalars of each step stay on the device until :meth:`check` (at log and
+  checkpoint steps, and before every save), so there is no host sync per step, yet
+  the step is named exactly and no checkpoint of a non-finite state is written.
+  With ``skip_limit`` N > 0 the train step has skipped such updates itself: the
+  run goes on, and stops only after more than N in a row.
+  """
+
+  def __init__(self, checkpoints, skip_limit: int):
+    self._checkpoints, self._limit = checkpoints, skip_limit
+    self._pending, self._streak = [], 0
+
+  def add(self, step: int, scalars: dict) -> None:
+    self._pending.append((step, {key: scalars[key] for key in ('loss', 'grad_norm')
+                                 if key in scalars}))
+
+  def check(self, last_checkpoint: int | None) -> None:
+    pending, self._pending = jax.device_get(self._pending), []
+    for step, figures in pending:
+      if all(np.isfinite(value) for value in figures.values()):
+        self._streak = 0
+        continue
+      self._streak += 1
+      shown = ', '.join(f'{name} {float(figures[name])}' for name in ('loss', 'grad_norm')
+                        if name in figures)
+      if self._streak > self._limit:
+        kept = ('no checkpoint was saved yet' if last_checkpoint is None else
+                f'the last good checkpoint is step {last_checkpoint} in {self._checkpoints}')
+        skipping = (f'{self._streak} steps in a row, more than '
+                    f'config.skip_nonfinite_steps={self._limit}' if self._limit else
+                    'set config.skip_nonfinite_steps=N to skip up to N such steps in a row')
+        raise FloatingPointError(
+            f'Training diverged at step {step} ({shown}); {kept}. Lower the learning rate '
+            f'or check the data ({skipping}).')
+      say(f'WARNING: step {step}: {shown}; its update was skipped ({self._streak} in a '
+          f'row, at most {self._limit}).')
+
+
+def train(workdir, state, train_step, batches: Iterator[dict], mesh, *,
           start_step: int, num_steps: int, steps_per_epoch: float, global_batch: int,
-          log_every: int, checkpoint_every: int,
-          console=metrics_lib.CONSOLE,
+          log_every: int, checkpoint_every: int, preemption: Preemption,
+          skip_nonfinite: int = 0, console=metrics_lib.CONSOLE,
           monitor: Callable[[int, object], dict] | None = None,
           epoch_start: Callable[[object], object] | None = None):
   """Runs ``train_step(state, batch) -> (state, scalars)`` up to ``num_steps``.
 
-  ``batches`` yields this process's host batches from ``start_step`` on.
+  ``batches`` yields this process's host batches from ``start_step`` on; a
+  streamed batch's ``position`` (each example's place in the process's input
+  stream) is kept for the checkpoint, not sent to the devices.
   ``epoch_start(state) -> state`` runs before the first step of every epoch
   (also when a resumed run starts at one). After each step the scalars are logged
-  (see :class:`metrics.StepLogger`), ``monitor(step, state)`` may return figures
-  to record, and the state is checkpointed every ``checkpoint_every`` steps and
-  at the end. Returns the final state.
+  (see :class:`metrics.StepLogger`) and checked (:class:`DivergenceGuard`,
+  ``skip_nonfinite`` its limit), ``monitor(step, state)`` may return figures to
+  record, and the state is checkpointed every ``checkpoint_every`` steps, at the
+  end, and when ``preemption`` says a signal asked the run to stop (then
+  :class:`Preempted` is raised). Returns the final state.
   """
   log = metrics_lib.StepLogger(workdir.writer, start_step, num_steps, global_batch,
-                               steps_per_epoch, log_every, workdir.manager.directory,
-                               console=console)
+                               steps_per_epoch, log_every, console=console)
+  guard = DivergenceGuard(workdir.checkpoints, skip_nonfinite)
+  position = None
   for step, batch in zip(range(start_step, num_steps), batches):
+    if 'position' in batch:
+      batch = dict(batch)
+      position = int(batch.pop('position')[-1]) + 1
     if epoch_start is not None and step % steps_per_epoch == 0:
       state = epoch_start(state)
     state, scalars = train_step(state, parallel.host_to_global(batch, mesh))
     done = step + 1
+    guard.add(done, scalars)
+    stop = preemption.reached(done)
+    save = done % checkpoint_every == 0 or done == num_steps or stop
+    if save or done % log_every == 0:
+      guard.check(workdir.latest_step())
     log.after_step(done, scalars)
     figures = monitor(done, state) if monitor is not None else {}
     if figures:
       workdir.writer.write(done, figures)
       say(f'step {done}  ' + '  '.join(f'{name} {100 * value:.2f}%'
                                        for name, value in figures.items()))
-    if done % checkpoint_every == 0 or done == num_steps:
-      checkpoint.save(workdir.manager, state)
+    if save:
+      checkpoint.save(workdir.manager, state, run_record(mesh, position))
+    if stop:
+      raise Preempted(done, workdir.checkpoints)
   return state
+
+
+def run_record(mesh, position: int | None) -> dict:
+  """What a checkpoint records besides the state: the device count, and each
+  process's input-stream position (streamed data; None in memory)."""
+  positions = None
+  if position is not None:
+    positions = [int(p) for p in np.ravel(
+        multihost_utils.process_allgather(np.asarray(position, np.int64)))]
+  return {'num_devices': int(mesh.devices.size), 'num_processes': jax.process_count(),
+          'input_positions': positions}
+
+
+def input_position(saved_run: dict, start_step: int, local_batch: int) -> int:
+  """Where this process's streamed input resumes: the position its checkpoint
+  recorded; on another process count (other blocks of the split), the position
+  ``start_step`` batches into the new block's stream."""
+  positions = saved_run.get('input_positions')
+  if positions is not None and len(positions) == jax.process_count():
+    return positions[jax.process_index()]
+  if start_step:
+    say(f'WARNING: the checkpoint records no input position for {jax.process_count()} '
+        'process(es): the streamed input continues from the step count, not from the '
+        'exact examples an uninterrupted run would read.')
+  return start_step * local_batch

@@ -6,12 +6,12 @@ never branches on the process index.
 
 import json
 import math
-import os
 import time
 
 import jax
-import numpy as np
 from absl import logging
+
+from contrastive import paths
 
 
 def say(message: str) -> None:
@@ -23,17 +23,18 @@ def say(message: str) -> None:
 class MetricWriter:
   """Appends ``{"step": s, **scalars}`` to ``metrics.jsonl`` and TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir):
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tensorboard = None
     if not self._active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    workdir = paths.resolve(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = (workdir / 'metrics.jsonl').open('a')
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
     except ImportError:
       logging.warning('tensorboardX is not installed: metrics go to metrics.jsonl only.')
 
@@ -55,10 +56,10 @@ class MetricWriter:
       self._tensorboard.close()
 
 
-def read_metrics(workdir: str) -> dict[int, dict]:
+def read_metrics(workdir) -> dict[int, dict]:
   """All scalars of each step; where a resumed run rewrote a step, the later value."""
   records = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+  with (paths.resolve(workdir) / 'metrics.jsonl').open() as f:
     for line in f:
       record = json.loads(line)
       records.setdefault(record['step'], {}).update(record)
@@ -98,19 +99,20 @@ class StepLogger:
   """What a training loop does after each step.
 
   The first step (compilation included) is timed on its own, so it stays out of
-  images/s and ETA. Every ``log_every`` steps, and at the last, the loss is checked
-  to be finite, the scalars are recorded with images/s, ETA and epoch, and one line
-  is printed: step, epoch, loss, the ``console`` fields ((label, key, format)
-  triples), images/s and ETA.
+  images/s and ETA. Every ``log_every`` steps, and at the last, the scalars are
+  recorded with images/s, ETA and epoch, and one line is printed: step, epoch,
+  loss, the ``console`` fields ((label, key, format) triples), images/s and ETA.
+  (Whether they are finite is the loop's :class:`contrastive.loop.DivergenceGuard`'s
+  concern, every step.)
   """
 
   def __init__(self, writer: MetricWriter, start_step: int, total_steps: int,
                global_batch: int, steps_per_epoch: float, log_every: int,
-               checkpoint_dir: str, console=CONSOLE):
+               console=CONSOLE):
     self._writer, self._start, self._total = writer, start_step, total_steps
     self._progress = Progress(start_step, total_steps, global_batch)
     self._steps_per_epoch, self._log_every = steps_per_epoch, log_every
-    self._checkpoint_dir, self._console = checkpoint_dir, console
+    self._console = console
 
   def after_step(self, done: int, scalars: dict) -> None:
     if done == self._start + 1:
@@ -121,9 +123,6 @@ class StepLogger:
       return
     scalars = {**jax.device_get(scalars), **self._progress.report(done),
                'epoch': done / self._steps_per_epoch}
-    if not np.isfinite(scalars['loss']):
-      raise FloatingPointError(f'Loss became {scalars["loss"]} at step {done}; the '
-                               f'last good checkpoint is in {self._checkpoint_dir}.')
     self._writer.write(done, scalars)
     fields = ''.join(f'  {label} {scalars[key]:{fmt}}' for label, key, fmt in self._console)
     say(f'step {done}/{self._total}  epoch {scalars["epoch"]:.2f}  '

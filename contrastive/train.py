@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from contrastive import config as config_lib
 from contrastive import loop
 from contrastive import parallel
+from contrastive import workdir as workdir_lib
 from contrastive.data import augment
 from contrastive.data import evaluation as eval_data
 from contrastive.data import in_memory
@@ -96,10 +97,15 @@ def make_train_step(method: Method, ctx: Context, tx, schedule,
       probe_state, probe_scalars = online_probe.update(probe, state.probe, out.features,
                                                        batch['label'], AXIS)
       scalars.update(probe_scalars)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state,
-                              method_state=method_state, probe=probe_state)
-    return new_state, scalars
+    new_state = state.replace(params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, method_state=method_state,
+                              probe=probe_state)
+    if config.skip_nonfinite_steps:
+      # A step whose loss or gradient is not finite leaves the state as it was
+      # (the loss and the norm are global, so every replica decides alike).
+      finite = jnp.isfinite(loss) & jnp.isfinite(scalars['grad_norm'])
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state.replace(step=state.step + 1), scalars
 
   return train_step
 
@@ -219,11 +225,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Pretrains, checkpoints, and ends with kNN / linear-probe figures.
 
   ``method`` defaults to ``METHODS[config.method]``. Restarting with the same
-  ``workdir`` resumes from its latest checkpoint. Returns the final evaluation
-  figures (empty when evaluation is off).
+  ``workdir`` (a folder or a ``gs://`` URL) resumes from its newest readable
+  checkpoint; a signal (SIGTERM, Ctrl-C) saves the step in flight and raises
+  :class:`contrastive.loop.Preempted`. Returns the final evaluation figures (empty
+  when evaluation is off).
   """
   method = method or get_method(config.method)
   check_config(config, method)
+  # The workdir is checked and locked before any data is read.
+  with loop.Preemption() as preemption, \
+       workdir_lib.Workdir(workdir, config.keep_checkpoints) as run_dir:
+    return _train(config, method, run_dir, preemption)
+
+
+def _train(config, method: Method, run_dir: workdir_lib.Workdir,
+           preemption: loop.Preemption) -> dict:
   evaluating = config.eval.enabled or config.eval.knn_every_epochs > 0
   layout = loop.layout(config.global_batch_size,
                        config.eval.batch_size if evaluating else None, 'config.eval.batch_size')
@@ -244,6 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_steps = loop.total_steps(config.num_epochs, steps_per_epoch)
   run = RunInfo(num_examples=num_examples, num_devices=layout.mesh.devices.size,
                 total_steps=num_steps)
+  config_lib.raise_if(method.check_run(config, run))
   ctx = Context(model=method.build_model(config), config=config, run=run, axis_name=AXIS)
 
   # --- state
@@ -261,61 +278,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     splits = eval_splits(config, layout,
                          train_data.process_block() if config.data.in_memory else None)
 
-  with loop.Workdir(workdir, config.keep_checkpoints) as run_dir:
-    state, start_step = run_dir.restore(state)
-    run_dir.record_config(loop.config_record(config), resumed=start_step > 0)
-    write = method.init_from_data(config)
-    if write is not None and start_step == 0:
-      say('Initialising from one pass over the training split ...')
-      state = initialise_from_data(
-          state, make_prior_step(ctx, write), specs, layout,
-          data_pass(config, layout, train_data if config.data.in_memory else None),
-          config.data.image_size)
-    if config.data.in_memory:
-      batches = train_data.batches(start_step)
-    else:
-      from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
-      # A streamed run restarted mid-way reshuffles from a seed tied to the resume
-      # step: the data order differs from an uninterrupted run (in-memory runs don't).
-      batches = pipeline.train_iterator(
-          config.data, method.views(config), layout.local_batch,
-          seed=config.seed + start_step, shard_index=jax.process_index(),
-          shard_count=jax.process_count())
+  state, start_step, saved_run = run_dir.resume(state, workdir_lib.config_record(config))
+  write = method.init_from_data(config)
+  if write is not None and start_step == 0:
+    say('Initialising from one pass over the training split ...')
+    state = initialise_from_data(
+        state, make_prior_step(ctx, write), specs, layout,
+        data_pass(config, layout, train_data if config.data.in_memory else None),
+        config.data.image_size)
+  if config.data.in_memory:
+    batches = train_data.batches(start_step)
+  else:
+    from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+    batches = pipeline.train_iterator(
+        config.data, method.views(config), layout.local_batch, seed=config.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        start_position=loop.input_position(saved_run, start_step, layout.local_batch))
 
-    # --- loop
-    knn_every = (loop.total_steps(config.eval.knn_every_epochs, steps_per_epoch)
-                 if config.eval.knn_every_epochs > 0 else 0)
+  # --- loop
+  knn_every = (loop.total_steps(config.eval.knn_every_epochs, steps_per_epoch)
+               if config.eval.knn_every_epochs > 0 else 0)
 
-    def monitor_at(done, state):
-      if knn_every and (done % knn_every == 0 or done == num_steps):
-        return monitor(state, encode_step, probe, config, splits)
-      return {}
+  def monitor_at(done, state):
+    if knn_every and (done % knn_every == 0 or done == num_steps):
+      return monitor(state, encode_step, probe, config, splits)
+    return {}
 
-    start_epoch = method.start_epoch(config)
-    epoch_step = None if start_epoch is None else parallel.per_replica(
-        make_epoch_step(ctx, start_epoch), layout.mesh, in_specs=(specs,),
-        out_specs=specs, donate_argnums=(0,))
+  start_epoch = method.start_epoch(config)
+  epoch_step = None if start_epoch is None else parallel.per_replica(
+      make_epoch_step(ctx, start_epoch), layout.mesh, in_specs=(specs,),
+      out_specs=specs, donate_argnums=(0,))
 
-    say(f'Training steps {start_step} -> {num_steps} ({steps_per_epoch} per epoch), '
-        f'peak learning rate {opt.peak_lr:.4g}.')
-    state = loop.train(run_dir, state, train_step, batches, layout.mesh,
-                       start_step=start_step, num_steps=num_steps,
-                       steps_per_epoch=steps_per_epoch,
-                       global_batch=config.global_batch_size,
-                       log_every=config.log_every_steps,
-                       checkpoint_every=config.checkpoint_every_steps, monitor=monitor_at,
-                       epoch_start=epoch_step)
+  say(f'Training steps {start_step} -> {num_steps} ({steps_per_epoch} per epoch), '
+      f'peak learning rate {opt.peak_lr:.4g}.')
+  state = loop.train(run_dir, state, train_step, batches, layout.mesh,
+                     start_step=start_step, num_steps=num_steps,
+                     steps_per_epoch=steps_per_epoch,
+                     global_batch=config.global_batch_size,
+                     log_every=config.log_every_steps,
+                     checkpoint_every=config.checkpoint_every_steps,
+                     preemption=preemption, skip_nonfinite=config.skip_nonfinite_steps,
+                     monitor=monitor_at,
+                     epoch_start=epoch_step)
 
-    # --- evaluation
-    if not config.eval.enabled:
-      return {}
-    encoders = {'trained': state}
-    if config.eval.compare_random_init:
-      encoders['random_init'] = init_state(method, ctx, opt.tx, layout.mesh, probe)
-    results = evaluate(encoders, encode_step, config, splits, probe)
-    run_dir.write_results('eval.json', num_steps, results, {
-        f'{name}/{metric}': value for name, figures in results.items()
-        for metric, value in figures.items()})
+  # --- evaluation
+  if not config.eval.enabled:
+    return {}
+  encoders = {'trained': state}
+  if config.eval.compare_random_init:
+    encoders['random_init'] = init_state(method, ctx, opt.tx, layout.mesh, probe)
+  results = evaluate(encoders, encode_step, config, splits, probe)
+  run_dir.write_results('eval.json', num_steps, results, {
+      f'{name}/{metric}': value for name, figures in results.items()
+      for metric, value in figures.items()})
   say(format_results(results, config))
   return results
 

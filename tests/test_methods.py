@@ -39,37 +39,34 @@ def test_ema_is_exact(config):
 def test_enqueue_wraps_around():
   queue = jnp.zeros((6, 2))
   keys = jnp.arange(4, dtype=jnp.float32).reshape(2, 2) + 1
-  queue, pointer = moco.enqueue(queue, jnp.int32(2), keys)
+  queue, pointer = moco.enqueue(queue, jnp.int32(2), keys, None, 6)
   np.testing.assert_array_equal(queue[2:4], keys)
   assert int(pointer) == 4
-  queue, pointer = moco.enqueue(queue, pointer, keys + 10)
+  queue, pointer = moco.enqueue(queue, pointer, keys + 10, None, 6)
   assert int(pointer) == 0                                   # wrapped
-  queue, pointer = moco.enqueue(queue, pointer, keys + 20)
+  queue, pointer = moco.enqueue(queue, pointer, keys + 20, None, 6)
   np.testing.assert_array_equal(queue, np.concatenate([keys + 20, keys, keys + 10]))
   assert int(pointer) == 2
 
 
 def test_sharded_enqueue_keeps_one_global_fifo():
-  """8 shards each take their device's keys; read back in FIFO order, the queue
-  holds the last K keys of the global batches, oldest first, as on one device."""
+  """8 shards of one FIFO ring: each step's global batch of keys lands, in batch
+  order, at the ring pointer, as on one device, whatever device wrote which key."""
   mesh, per_step, size, dim = _mesh8(), 16, 48, 3
 
   def update(queue, pointer, keys):
-    return moco.enqueue(queue, pointer, keys)
+    return moco.enqueue(queue, pointer, keys, 'data', size)
 
   step = jax.jit(jax.shard_map(update, mesh=mesh, in_specs=(P('data'), P(), P('data')),
                                out_specs=(P('data'), P())))
-  queue = jnp.asarray(moco.fifo_to_storage(np.zeros((size, dim), np.float32), 8, per_step))
-  pointer = jnp.int32(0)
+  queue, pointer = jnp.zeros((size, dim), jnp.float32), jnp.int32(0)
   batches = [(s + 1 + np.arange(per_step)[:, None] / 100 + np.zeros(dim)).astype(np.float32)
              for s in range(4)]
   for keys in batches:
     queue, pointer = step(queue, pointer, jnp.asarray(keys))
-  fifo = np.asarray(queue).reshape(8, size // per_step, per_step // 8, dim).transpose(
-      1, 0, 2, 3).reshape(size, dim)
   # Four batches into three slots: the first was overwritten by the fourth.
-  np.testing.assert_array_equal(fifo, np.concatenate([batches[3], batches[1], batches[2]]))
-  assert int(pointer) == (4 * per_step // 8) % (size // 8)
+  np.testing.assert_array_equal(queue, np.concatenate([batches[3], batches[1], batches[2]]))
+  assert int(pointer) == 4 * per_step % size
 
 
 def test_shuffle_bn_undoes_the_permutation_and_uses_permuted_sub_batches(config):

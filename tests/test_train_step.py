@@ -68,15 +68,8 @@ def _run_steps(method, ctx, tx, schedule, mesh, state, batch, probe=None):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-def _canonical(config, method_state, num_devices):
-  """Method state in an order that does not depend on the device count."""
-  if config.method == 'moco':
-    queue = method_state['queue']
-    per_step = config.global_batch_size
-    size, dim = queue.shape
-    fifo = queue.reshape(num_devices, size // per_step, per_step // num_devices, dim)
-    return {**method_state, 'queue': fifo.transpose(1, 0, 2, 3).reshape(size, dim),
-            'queue_pointer': method_state['queue_pointer'] * num_devices}
+def _canonical(config, method_state):
+  """Method state without the padding rows, whose number depends on the device count."""
   if config.method == 'membank':
     return {'bank': method_state['bank'][:NUM_EXAMPLES]}
   if config.method == 'instance_cls':
@@ -123,8 +116,8 @@ def test_step_on_8_devices_equals_1_device(config, method, optimizer):
   _assert_trees_close(_real_rows(state8.params), _real_rows(state1.params))
   _assert_trees_close(state8.batch_stats, state1.batch_stats)
   _assert_trees_close(_real_rows(state8.opt_state), _real_rows(state1.opt_state))
-  _assert_trees_close(_canonical(config, state8.method_state, 8),
-                      _canonical(config, state1.method_state, 1))
+  _assert_trees_close(_canonical(config, state8.method_state),
+                      _canonical(config, state1.method_state))
   assert int(state8.step) == int(state1.step) == 2
   # The step really moved the parameters and the BN statistics.
   assert not np.allclose(state1.params['head']['Dense_0']['kernel'],
@@ -177,15 +170,6 @@ def test_gradients_on_8_devices_equal_1_device(config, method):
   np.testing.assert_allclose(norm8, norm1, rtol=1e-4)
 
 
-def test_moco_queue_layout_is_a_fifo_of_the_global_batch(config):
-  """Stored shards read in (step block, device, row) order form one FIFO queue."""
-  queue = np.arange(24 * 2, dtype=np.float32).reshape(24, 2)
-  stored = np.asarray(moco.fifo_to_storage(queue, num_devices=4, per_step=8))
-  shards = stored.reshape(4, 6, 2)
-  # Device 1's shard holds FIFO rows 2-3 (step 0), 10-11 (step 1), 18-19 (step 2).
-  np.testing.assert_array_equal(shards[1][:, 0] // 2, [2, 3, 10, 11, 18, 19])
-
-
 def test_online_probe_and_local_bn(config):
   """With per-device BN: the online probe, which trains on stop-gradient features,
   leaves the encoder, head, BN statistics and optimizer state bit-identical; the
@@ -206,3 +190,37 @@ def test_online_probe_and_local_bn(config):
   one_device, _ = _run_steps(*_setup(config, 1))
   assert not np.allclose(plain.batch_stats['encoder']['stem_bn']['var'],
                          one_device.batch_stats['encoder']['stem_bn']['var'], rtol=1e-6)
+
+
+def test_a_non_finite_step_is_skipped_when_allowed(config):
+  """With ``skip_nonfinite_steps``, a step whose loss is NaN (here: one image's
+  index marks it) leaves parameters, optimizer and BN state as they were and
+  only advances the step; a finite step still updates them."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config.skip_nonfinite_steps = 1
+  method, ctx, tx, schedule, mesh, state, batch = _setup(config, 8)
+  poisoned = 7
+
+  def loss(ctx, params, batch_stats, method_state, inputs, key):
+    out = method.loss(ctx, params, batch_stats, method_state, inputs, key)
+    bad = jax.lax.pmax(jnp.any(inputs.index == poisoned).astype(jnp.float32), 'data')
+    return out._replace(loss=out.loss + jnp.where(bad > 0, jnp.nan, 0.0))
+
+  nan_method = dataclasses.replace(method, loss=loss)
+  specs = train.state_specs(nan_method, ctx, tx)
+  step = parallel.per_replica(train.make_train_step(nan_method, ctx, tx, schedule), mesh,
+                              in_specs=(specs, P('data')), out_specs=(specs, P()))
+  before = jax.device_get(state)
+  bad_batch = {**batch, 'index': batch['index'].copy()}
+  bad_batch['index'][3] = poisoned
+  good_batch = {**batch, 'index': np.where(batch['index'] == poisoned, 99, batch['index'])}
+  state, scalars = step(state, jax.device_put(bad_batch, NamedSharding(mesh, P('data'))))
+  assert not np.isfinite(float(scalars['loss'])) and int(state.step) == 1
+  after = jax.device_get(state)
+  for field in ('params', 'batch_stats', 'opt_state'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, field), getattr(before, field))
+  state, scalars = step(state, jax.device_put(good_batch, NamedSharding(mesh, P('data'))))
+  assert np.isfinite(float(scalars['loss'])) and int(state.step) == 2
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                       jax.device_get(state.params), before.params)
+  assert any(jax.tree.leaves(moved))

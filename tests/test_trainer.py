@@ -220,6 +220,42 @@ def test_image_folder_run_trains_and_evaluates(config, tmp_path, capsys, in_memo
     assert '1 unreadable file(s) skipped' in output
 
 
+def test_streamed_run_resumed_mid_epoch_sees_the_remaining_batches(config, tmp_path,
+                                                                     monkeypatch):
+  """A tf.data run on an image folder (one unreadable file) killed at step 5 of
+  a 7-step epoch resumes from its step-4 checkpoint at the input position it
+  recorded: the resumed losses are the uninterrupted run's, the next epoch too."""
+  from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+  _image_folder(tmp_path / 'images', per_class=40)
+  config.data.source, config.data.path = 'folder', str(tmp_path / 'images')
+  config.data.in_memory, config.data.holdout_per_class = False, 0
+  config.num_epochs, config.checkpoint_every_steps = 1.5, 4
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  expected = _losses(tmp_path / 'straight')
+  assert max(expected) == 10                          # 121 files // 16 = 7 steps an epoch
+
+  real_iterator = pipeline.train_iterator
+  starts = []
+
+  def dying_iterator(*args, **kwargs):
+    starts.append(kwargs['start_position'])
+    for number, batch in enumerate(real_iterator(*args, **kwargs)):
+      if number == 5 and len(starts) == 1:
+        raise KeyboardInterrupt('simulated kill')
+      yield batch
+
+  monkeypatch.setattr(pipeline, 'train_iterator', dying_iterator)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  # 4 batches read 64 images: position 64, or 65 if the unreadable file was among them.
+  assert starts[0] == 0 and starts[1] in (64, 65)
+  resumed = _losses(tmp_path / 'resumed')
+  assert sorted(resumed) == sorted(expected)
+  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
+                             [expected[s] for s in sorted(expected)], rtol=1e-6)
+
+
 def test_separate_evaluation_folder_serves_monitor_final_and_downstream(config, tmp_path):
   """train/ and val/ folders: training reads all of train/, and the kNN monitor,
   the final evaluation and contrastive.downstream read val/."""
@@ -245,88 +281,6 @@ def test_separate_evaluation_folder_serves_monitor_final_and_downstream(config, 
   figures = downstream.train_and_evaluate(linear, str(tmp_path / 'linear'))
   assert figures['num_eval_images'] == 12                # val/: 3 classes x 4
   assert figures['num_train_images'] == 72
-
-
-def test_in_memory_batches_cover_each_block_once_per_epoch(config, monkeypatch):
-  """Images carry their index as pixel value; an epoch draws each index of a
-  device's block once, and a batch depends only on the step."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from contrastive import parallel  # pylint: disable=g-import-not-at-top
-  from contrastive.data import sources  # pylint: disable=g-import-not-at-top
-
-  total = 203
-
-  def fake_load(data, split, shard_index, shard_count):
-    start, stop = sources.shard_bounds(total, shard_index, shard_count)
-    index = np.arange(start, stop)
-    images = np.broadcast_to(index[:, None, None, None], (len(index), 1, 1, 1))
-    return sources.ImageArrays(images.astype(np.int32), index.astype(np.int32), 10)
-
-  monkeypatch.setattr(sources, 'load_arrays', fake_load)
-  mesh = parallel.make_mesh()
-  assert mesh.devices.size == jax.device_count() == 8
-  data = in_memory_data.InMemoryTrainData(config.data, mesh, per_device_batch=3, seed=5)
-  assert data.num_examples == total
-  assert data.steps_per_epoch == (total // 8) // 3
-  epoch = [data.batch(step)['image'][:, 0, 0, 0] for step in range(data.steps_per_epoch)]
-  for device in range(8):
-    drawn = np.concatenate([batch[device * 3:(device + 1) * 3] for batch in epoch])
-    start, stop = sources.shard_bounds(total, device, 8)
-    assert len(set(drawn)) == len(drawn)                     # no repeats in an epoch
-    assert set(drawn) <= set(range(start, stop))             # only the device's block
-  np.testing.assert_array_equal(data.batch(4)['image'], data.batch(4)['image'])
-  next_epoch = data.batch(data.steps_per_epoch)['image']
-  assert not np.array_equal(next_epoch, epoch[0])            # reshuffled each epoch
-
-
-def test_in_memory_split_indices_stay_dense_when_files_are_unreadable(config, monkeypatch):
-  """Blocks are cut from the file list before decoding: a block that lost files
-  to corruption is shorter, and the split indices the batches carry still number
-  the decoded images 0..N-1, each once."""
-  from contrastive import parallel  # pylint: disable=g-import-not-at-top
-  from contrastive.data import sources  # pylint: disable=g-import-not-at-top
-  files, unreadable = 80, {13, 14, 15, 40}      # device 1 loses 3 of 10, device 4 one
-
-  def fake_load(data, split, shard_index, shard_count):
-    start, stop = sources.shard_bounds(files, shard_index, shard_count)
-    kept = np.array([f for f in range(start, stop) if f not in unreadable])
-    images = np.broadcast_to(kept[:, None, None, None], (len(kept), 1, 1, 1))
-    return sources.ImageArrays(images.astype(np.int32), kept.astype(np.int32), 10,
-                               skipped=stop - start - len(kept))
-
-  monkeypatch.setattr(sources, 'load_arrays', fake_load)
-  data = in_memory_data.InMemoryTrainData(config.data, parallel.make_mesh(),
-                                          per_device_batch=7, seed=0)
-  assert (data.num_examples, data.skipped, data.steps_per_epoch) == (76, 4, 1)
-  decoded = [f for f in range(files) if f not in unreadable]   # index -> file number
-  batch = data.batch(0)
-  assert len(set(batch['index'])) == len(batch['index'])
-  np.testing.assert_array_equal(np.asarray(decoded)[batch['index']],
-                                batch['image'][:, 0, 0, 0])
-
-
-def test_resuming_with_a_changed_config_warns(config, tmp_path, capsys):
-  with loop.Workdir(str(tmp_path), keep_checkpoints=1) as workdir:
-    workdir.record_config(loop.config_record(config), resumed=False)
-    workdir.record_config(loop.config_record(config), resumed=True)
-    assert 'WARNING' not in capsys.readouterr().out
-    config.optim.base_lr = 7.0
-    workdir.record_config(loop.config_record(config), resumed=True)
-  output = capsys.readouterr().out
-  assert 'differs' in output and 'optim.base_lr' in output
-
-
-def test_process_block_equals_the_loaded_split(config):
-  """Evaluation reuses the training images in memory: they must be exactly the
-  process's block as the data module loads it, labels and order included."""
-  from contrastive import parallel  # pylint: disable=g-import-not-at-top
-  from contrastive.data import sources  # pylint: disable=g-import-not-at-top
-  data = in_memory_data.InMemoryTrainData(config.data, parallel.make_mesh(), 2, seed=0)
-  block = data.process_block()
-  loaded = sources.load_arrays(config.data, 'train')
-  np.testing.assert_array_equal(block.images, loaded.images)
-  np.testing.assert_array_equal(block.labels, loaded.labels)
-  assert block.num_classes == loaded.num_classes == 10
 
 
 @pytest.mark.parametrize('in_memory', [True, False])

@@ -99,6 +99,11 @@ def no_problems(config: ml_collections.ConfigDict) -> list[str]:
   return []
 
 
+def no_run_problems(config: ml_collections.ConfigDict, run: RunInfo) -> list[str]:
+  del config, run
+  return []
+
+
 def network_params(ctx: Context, variables, key):
   del ctx, key
   return variables['params']
@@ -147,6 +152,9 @@ class Method:
       image's randomness keyed by its position in the global batch.
     check_config: ``config -> list[str]``, the problems with the method's own
       config section, each naming its field; run before any data is read.
+    check_run: ``(config, run: RunInfo) -> list[str]``, the problems only the
+      split's size reveals (a queue of negatives longer than the split, whose
+      positives would come back as negatives); run once the split is known.
     init_params: ``(ctx, variables, key) -> params``, the trained parameters:
       the network's ``variables['params']``, plus any the network does not hold
       (a classifier with one row per training image).
@@ -177,6 +185,7 @@ class Method:
   build_model: Callable[[ml_collections.ConfigDict], nn.Module] = encoder_with_head
   views: Callable[[ml_collections.ConfigDict], tuple[View, ...]] = two_views
   check_config: Callable[[ml_collections.ConfigDict], list[str]] = no_problems
+  check_run: Callable[[ml_collections.ConfigDict, RunInfo], list[str]] = no_run_problems
   init_params: Callable[..., Any] = network_params
   param_specs: Callable[[ml_collections.ConfigDict], dict] = all_replicated
   init_state: Callable[..., Any] = no_state

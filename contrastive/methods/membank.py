@@ -34,6 +34,15 @@ def check_config(config) -> list[str]:
   return problems
 
 
+def check_run(config, run) -> list[str]:
+  drawn = config.membank.num_negatives
+  if drawn >= run.num_examples:
+    return [f'config.membank.num_negatives={drawn} is not smaller than the training split '
+            f'({run.num_examples} images): the draws would count rows of the bank several '
+            f'times over; use at most {run.num_examples - 1}, or 0 for the whole bank.']
+  return []
+
+
 def init_state(ctx: Context, variables, key):
   del variables
   run = ctx.run
@@ -94,4 +103,4 @@ def views(config):
 
 
 METHOD = Method(name='membank', loss=loss, views=views, check_config=check_config,
-                init_state=init_state, state_specs=state_specs, update_state=update_state)
+                check_run=check_run, init_state=init_state, state_specs=state_specs, update_state=update_state)

@@ -1,11 +1,12 @@
 """MoCo v1 / v2 (He et al. 2019; Chen et al. 2020): negatives from a queue of keys.
 
 Keys come from an EMA target network (:mod:`contrastive.methods.ema`), the key
-encoder, which never receives gradients. The queue of the last K keys is split
-across devices, K / n rows each; every step each device writes its own new keys
-into its shard at a shared ring pointer. Read in the order "step block, device,
-row", the shards form one global FIFO queue, so the negatives seen at every step
-do not depend on the number of devices.
+encoder, which never receives gradients. The queue of the last K keys is one
+global FIFO ring, split across devices by rows (K / n each, device d holding rows
+``[d K/n, (d + 1) K/n)``): every step the global batch's keys are gathered and
+each device writes those that fall into its rows at the ring pointer. The queue,
+its order and its checkpoint are therefore the same on any number of devices, and
+a run resumed on another device count re-lays it out like any split array.
 
 Key-encoder BatchNorm (``config.moco.key_bn``): 'global' (synchronised across
 replicas), 'local' (per device) or 'shuffle' (MoCo's shuffle BN: the key batch is
@@ -22,6 +23,7 @@ from contrastive import losses
 from contrastive import models
 from contrastive import parallel
 from contrastive.methods import ema
+from contrastive.methods import rows
 from contrastive.methods.contract import Batch, Context, LossOutput, Method
 
 KEY_BN_MODES = ('shuffle', 'global', 'local')
@@ -49,32 +51,27 @@ def check_config(config) -> list[str]:
   return problems
 
 
+def check_run(config, run) -> list[str]:
+  if config.moco.queue_size > run.num_examples:
+    per_step = keys_per_step(config)
+    fits = run.num_examples // per_step * per_step
+    return [f'config.moco.queue_size={config.moco.queue_size} is larger than the training '
+            f'split ({run.num_examples} images): the queue would hold keys of the very '
+            f'images in the batch, positives as negatives; use at most {fits}.']
+  return []
+
+
 def init_state(ctx: Context, variables, key):
   config = ctx.config
   queue = losses.l2_normalize(
       jax.random.normal(key, (config.moco.queue_size, config.head.out_dim), jnp.float32))
-  return {
-      'target': ema.init(variables),
-      'queue': fifo_to_storage(queue, ctx.run.num_devices, keys_per_step(config)),
-      'queue_pointer': jnp.zeros((), jnp.int32),
-  }
+  return {'target': ema.init(variables), 'queue': queue,
+          'queue_pointer': jnp.zeros((), jnp.int32)}
 
 
 def state_specs(config):
   del config
   return {'target': P(), 'queue': P(parallel.AXIS), 'queue_pointer': P()}
-
-
-def fifo_to_storage(queue, num_devices: int, per_step: int):
-  """A queue in FIFO order -> the row order of its device-sharded array.
-
-  FIFO row ``s * per_step + d * per_device + i`` (step block s, device d) is row
-  ``s * per_device + i`` of device d's shard.
-  """
-  size, dim = queue.shape
-  per_device = per_step // num_devices
-  return queue.reshape(size // per_step, num_devices, per_device, dim).transpose(
-      1, 0, 2, 3).reshape(size, dim)
 
 
 def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
@@ -134,11 +131,14 @@ def shuffle_across_devices(x, key, axis_name):
   return mine, unshuffle
 
 
-def enqueue(queue, pointer, keys):
-  """Writes ``keys`` at the ring pointer, overwriting the oldest rows of the shard."""
-  queue = jax.lax.dynamic_update_slice_in_dim(queue, keys.astype(queue.dtype), pointer,
-                                              axis=0)
-  return queue, (pointer + keys.shape[0]) % queue.shape[0]
+def enqueue(queue, pointer, keys, axis_name, queue_size: int):
+  """This device's rows of the global FIFO queue after the step's keys (this
+  device's part of them; gathered here) are written at the ring ``pointer``,
+  over the oldest keys; and the new pointer."""
+  everything = rows.gather(keys, axis_name)
+  positions = pointer + jnp.arange(everything.shape[0])   # never wraps: K % keys == 0
+  queue = rows.write(queue, positions, everything.astype(queue.dtype), axis_name)
+  return queue, (pointer + everything.shape[0]) % queue_size
 
 
 def update_state(ctx: Context, method_state, params, for_update, step):
@@ -146,7 +146,7 @@ def update_state(ctx: Context, method_state, params, for_update, step):
   momentum = ema.momentum_at(step, moco.momentum, moco.momentum_schedule,
                              ctx.run.total_steps)
   queue, pointer = enqueue(method_state['queue'], method_state['queue_pointer'],
-                           for_update['keys'])
+                           for_update['keys'], ctx.axis_name, moco.queue_size)
   return {
       'target': ema.update(method_state['target'], params,
                            for_update['target_batch_stats'], momentum),
@@ -155,5 +155,5 @@ def update_state(ctx: Context, method_state, params, for_update, step):
   }
 
 
-METHOD = Method(name='moco', loss=loss, check_config=check_config, init_state=init_state,
-                state_specs=state_specs, update_state=update_state)
+METHOD = Method(name='moco', loss=loss, check_config=check_config, check_run=check_run,
+                init_state=init_state, state_specs=state_specs, update_state=update_state)
