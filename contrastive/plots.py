@@ -14,14 +14,13 @@ Drawing uses matplotlib's Agg renderer through ``Figure`` objects, never pyplot'
 global state, so it works without a display and inside other programs.
 """
 
-import os
-
 import numpy as np
 from absl import app
 from absl import flags
 
 from contrastive import command_line
 from contrastive import metrics as metrics_lib
+from contrastive import paths
 
 PLOTS = ('curves', 'retrievals')
 _MATCH, _MISMATCH, _QUERY = '#2ca02c', '#d62728', '#1f77b4'
@@ -58,11 +57,17 @@ def curve_panels(records: dict[int, dict]) -> dict[str, dict[str, tuple]]:
   return {panel: series for panel, series in panels.items() if series}
 
 
+def save_figure(figure, path, dpi: int) -> None:
+  """A PNG at ``path``, a local file or a bucket URL."""
+  with paths.resolve(path).open('wb') as f:
+    figure.savefig(f, format='png', dpi=dpi)
+
+
 def plot_training_curves(workdir: str, out_path: str | None = None) -> str:
   """Writes the loss / learning-rate / accuracy panels of ``workdir``; returns the path."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  out_path = out_path or os.path.join(workdir, 'training_curves.png')
-  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+  out_path = str(out_path or paths.resolve(workdir) / 'training_curves.png')
+  if not (paths.resolve(workdir) / 'metrics.jsonl').exists():
     raise FileNotFoundError(f'{workdir} has no metrics.jsonl: is it the workdir of a run?')
   records = metrics_lib.read_metrics(workdir)
   panels = curve_panels(records)
@@ -83,8 +88,8 @@ def plot_training_curves(workdir: str, out_path: str | None = None) -> str:
       ax.set_ylim(0, 1)
     if len(series) > 1 or panel == 'accuracy':
       ax.legend(fontsize='small')
-  figure.suptitle(os.path.basename(os.path.abspath(workdir)))
-  figure.savefig(out_path, dpi=100)
+  figure.suptitle(paths.resolve(workdir).name)
+  save_figure(figure, out_path, dpi=100)
   return out_path
 
 
@@ -119,7 +124,7 @@ def plot_retrievals(workdir: str, out_path: str | None = None, num_queries: int 
   images among at most ``max_gallery``; returns the path."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from contrastive import export  # pylint: disable=g-import-not-at-top
-  out_path = out_path or os.path.join(workdir, 'retrievals.png')
+  out_path = str(out_path or paths.resolve(workdir) / 'retrievals.png')
   pretrained = export.load_pretrained(workdir)
   gallery = _split_block(pretrained.config.data, 'train', max_gallery)
   queries = _split_block(pretrained.config.data, 'eval', max_gallery)
@@ -141,10 +146,10 @@ def plot_retrievals(workdir: str, out_path: str | None = None, num_queries: int 
       label = gallery.labels[index]
       _show(axes[row, col], gallery.images[index],
             _MATCH if label == query_label else _MISMATCH, f'{label}  {sim:.2f}')
-  figure.suptitle(f'{os.path.basename(os.path.abspath(workdir))}, step {pretrained.step}: '
+  figure.suptitle(f'{paths.resolve(workdir).name}, step {pretrained.step}: '
                   f'{k} nearest of {len(gallery.labels)} training images '
                   '(label  cosine similarity)', fontsize='small')
-  figure.savefig(out_path, dpi=100)
+  save_figure(figure, out_path, dpi=100)
   return out_path
 
 

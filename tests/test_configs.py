@@ -124,6 +124,7 @@ BROKEN_PRETRAINING = [
     ({'num_epochs': -1.0}, 'config.num_epochs=-1.0; must be >= 0'),
     ({'log_every_steps': 0}, 'config.log_every_steps=0; must be >= 1'),
     ({'keep_checkpoints': 0}, 'config.keep_checkpoints=0; must be >= 1'),
+    ({'skip_nonfinite_steps': -1}, 'config.skip_nonfinite_steps=-1; must be >= 0'),
     ({'model.width': 0.0}, 'config.model.width=0.0; must be > 0'),
     ({'model.bn_momentum': 1.0}, 'config.model.bn_momentum=1.0; must be in [0, 1)'),
     ({'head.out_dim': 0}, 'config.head.out_dim=0; must be >= 1'),

@@ -240,6 +240,22 @@ def test_config_json_is_written_and_a_changed_config_warns(tmp_path, capsys):
   assert 'resuming with a config that differs from' in out and 'in: b.c.' in out
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('moco.queue_size', 2048, r'config.moco.queue_size=2048 is larger than the training '
+                              r'split \(1297 images\).*use at most 1296'),
+    ('membank.num_negatives', 1297, r'config.membank.num_negatives=1297 is not smaller '
+                                    r'than the training split \(1297 images\)'),
+])
+def test_negatives_beyond_the_split_are_refused_before_compiling(config, tmp_path, field,
+                                                                 value, message):
+  from contrastive import train  # pylint: disable=g-import-not-at-top
+  section, name = field.split('.')
+  config.method = section
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- a real run
 
 def _losses(workdir):

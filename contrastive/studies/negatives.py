@@ -22,7 +22,6 @@ and ``negatives.png`` (kNN top-1 against the number of negatives, log scale).
 """
 
 import json
-import os
 import time
 
 import ml_collections
@@ -31,6 +30,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from contrastive import command_line
+from contrastive import paths
+from contrastive import plots
 from contrastive import train
 from contrastive.data import sources
 from contrastive.methods import get_method
@@ -78,11 +79,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     train.check_config(run['config'], get_method(run['method']))
   rows = []
   for run in runs:
-    run_dir = os.path.join(workdir, run['name'])
-    row_path = os.path.join(run_dir, 'study_row.json')
-    if os.path.exists(row_path):
-      with open(row_path) as f:
-        rows.append(json.load(f))
+    run_dir = paths.resolve(workdir) / run['name']
+    row_path = run_dir / 'study_row.json'
+    if row_path.exists():
+      rows.append(json.loads(row_path.read_text()))
       print(f'{run["name"]}: done before, kept.')
       continue
     negatives = run['negatives']
@@ -90,12 +90,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       negatives = sources.split_info(run['config'].data, 'train').num_examples - 1
     print(f'--- {run["name"]}: {negatives} negatives, batch {run["batch_size"]}')
     start = time.time()
-    results = train.train_and_evaluate(run['config'], run_dir)['trained']
+    results = train.train_and_evaluate(run['config'], str(run_dir))['trained']
     row = {'method': run['method'], 'variant': run['variant'], 'negatives': negatives,
            'batch_size': run['batch_size'], 'minutes': (time.time() - start) / 60,
            **results}
-    with open(row_path, 'w') as f:
-      json.dump(row, f, indent=2)
+    row_path.write_text(json.dumps(row, indent=2))
     rows.append(row)
   write_summary(rows, config, workdir)
   return rows
@@ -106,11 +105,10 @@ LABELS = {'simclr': 'SimCLR (end-to-end)', 'membank': 'memory bank', 'moco': 'Mo
 
 
 def write_summary(rows: list[dict], config, workdir: str) -> None:
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(rows, f, indent=2)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(format_table(rows, config) + '\n')
-  plot(rows, os.path.join(workdir, 'negatives.png'), config)
+  workdir = paths.resolve(workdir)
+  (workdir / 'results.json').write_text(json.dumps(rows, indent=2))
+  (workdir / 'results.md').write_text(format_table(rows, config) + '\n')
+  plot(rows, workdir / 'negatives.png', config)
   print(format_table(rows, config))
 
 
@@ -153,7 +151,7 @@ def plot(rows: list[dict], path: str, config) -> None:
   axes.grid(True, alpha=0.3)
   axes.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  plots.save_figure(figure, path, dpi=120)
   pyplot.close(figure)
 
 
