@@ -2,9 +2,10 @@ r"""Kills a training run at random moments and checks that resuming loses nothin
 
     python scripts/fault_injection.py --workdir=/tmp/faults --trials=10
 
-Trains the quickstart (or ``--config``) once without interruption, then again
-under fire: each trial starts the same ``python -m contrastive.main`` command,
-waits a random time, sends SIGTERM (a preemption: the run must save the step in
+Trains the quickstart (or ``--config``) once without interruption (kept for the
+next call with the same command), then again under fire: each trial starts the
+same ``python -m contrastive.main`` command, lets it train for a random time
+after its first step, sends SIGTERM (a preemption: the run must save the step in
 flight and exit 0) or SIGKILL (a crash, during a save too: the run must resume
 from its newest complete checkpoint), and starts it again. After the last trial
 the run goes to the end. Every step's loss and the final parameters must equal
@@ -20,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -57,34 +59,53 @@ def main():
   parser.add_argument('--config', default='configs/quickstart.py')
   parser.add_argument('--trials', type=int, default=10)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--max_wait', type=float, default=40.0,
-                      help='Longest wait before a signal, seconds after the start.')
+  parser.add_argument('--max_wait', type=float, default=30.0,
+                      help='Longest training time before a signal, in seconds after '
+                           'the first step.')
   parser.add_argument('overrides', nargs='*', help='--config.* overrides for both runs.')
   args = parser.parse_args()
   rng = random.Random(args.seed)
-  shutil.rmtree(args.workdir, ignore_errors=True)
   straight, faulty = (os.path.join(args.workdir, name) for name in ('straight', 'faulty'))
+  shutil.rmtree(faulty, ignore_errors=True)
   env = dict(os.environ, PYTHONPATH=REPO)
 
-  started = time.perf_counter()
-  subprocess.run(command(args.config, straight, args.overrides), check=True, cwd=REPO,
-                 env=env, stdout=subprocess.DEVNULL)
-  print(f'uninterrupted run: {time.perf_counter() - started:.0f} s', flush=True)
+  record = os.path.join(args.workdir, 'straight_command.json')
+  wanted = command(args.config, straight, args.overrides)
+  if not (os.path.exists(record) and json.load(open(record)) == wanted):
+    shutil.rmtree(straight, ignore_errors=True)
+    started = time.perf_counter()
+    subprocess.run(wanted, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    print(f'uninterrupted run: {time.perf_counter() - started:.0f} s', flush=True)
+    with open(record, 'w') as f:
+      json.dump(wanted, f)
 
   for trial in range(1, args.trials + 1):
     kind = rng.choice([signal.SIGTERM, signal.SIGKILL])
-    wait = rng.uniform(2.0, args.max_wait)
+    wait = rng.uniform(0.0, args.max_wait)
     child = subprocess.Popen(command(args.config, faulty, args.overrides), cwd=REPO,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
+    lines, training = [], threading.Event()
+
+    def read(child=child, lines=lines, training=training):
+      for line in child.stdout:
+        lines.append(line)
+        if line.startswith('First step'):
+          training.set()
+      training.set()                       # the run ended before its first step
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    training.wait()
     try:
       child.wait(timeout=wait)
       outcome = 'finished before the signal'
     except subprocess.TimeoutExpired:
       child.send_signal(kind)
       child.wait()
-      outcome = f'{kind.name} after {wait:.1f} s'
-    output = child.stdout.read()
+      outcome = f'{kind.name} {wait:.1f} s into training'
+    reader.join()
+    output = ''.join(lines)
     resumed = [line for line in output.splitlines() if line.startswith('Resuming from')]
     last = [line for line in output.splitlines() if line.startswith('step ')]
     print(f'trial {trial:2d}: {outcome}; exit {child.returncode}; '
