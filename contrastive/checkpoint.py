@@ -95,14 +95,14 @@ def _describe(error: Exception) -> str:
 
 def _skip(manager, step: int, reason: str, say) -> None:
   """Moves an unreadable checkpoint out of the manager's way, keeping its files."""
-  aside = epath.Path(manager.directory).parent / UNREADABLE / str(step)
+  unreadable = epath.Path(manager.directory).parent / UNREADABLE
+  aside, copies = unreadable / str(step), 0
+  while aside.exists():                  # the same step skipped before: keep both
+    copies += 1
+    aside = unreadable / f'{step}.{copies}'
   multihost_utils.sync_global_devices(f'skip checkpoint {step}')
   if jax.process_index() == 0:
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    suffix = 0
-    while (aside.parent / (f'{step}' + (f'.{suffix}' if suffix else ''))).exists():
-      suffix += 1
-    aside = aside.parent / (f'{step}' + (f'.{suffix}' if suffix else ''))
+    unreadable.mkdir(parents=True, exist_ok=True)
     (epath.Path(manager.directory) / str(step)).rename(aside)
   multihost_utils.sync_global_devices(f'skipped checkpoint {step}')
   manager.reload()

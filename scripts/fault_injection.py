@@ -7,8 +7,9 @@ next call with the same command), then again under fire: each trial starts the
 same ``python -m contrastive.main`` command, lets it train for a random time
 after its first step, sends SIGTERM (a preemption: the run must save the step in
 flight and exit 0) or SIGKILL (a crash, during a save too: the run must resume
-from its newest complete checkpoint), and starts it again. After the last trial
-the run goes to the end. Every step's loss and the final parameters must equal
+from its newest complete checkpoint), and starts it again; the interrupted runs
+checkpoint every ``--checkpoint_every_steps`` steps, so that kills fall between
+checkpoints and during saves. After the last trial the run goes to the end. Every step's loss and the final parameters must equal
 the uninterrupted run's. Prints one line per trial and a verdict; exits 1 on any
 difference. Not part of the test suite: it takes minutes.
 """
@@ -59,7 +60,10 @@ def main():
   parser.add_argument('--config', default='configs/quickstart.py')
   parser.add_argument('--trials', type=int, default=10)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--max_wait', type=float, default=30.0,
+  parser.add_argument('--checkpoint_every_steps', type=int, default=10,
+                      help='The interrupted runs\' checkpoint cadence (more often than '
+                           'the config\'s, so that kills fall between checkpoints).')
+  parser.add_argument('--max_wait', type=float, default=60.0,
                       help='Longest training time before a signal, in seconds after '
                            'the first step.')
   parser.add_argument('overrides', nargs='*', help='--config.* overrides for both runs.')
@@ -79,10 +83,12 @@ def main():
     with open(record, 'w') as f:
       json.dump(wanted, f)
 
+  faulty_command = command(args.config, faulty, args.overrides + [
+      f'--config.checkpoint_every_steps={args.checkpoint_every_steps}'])
   for trial in range(1, args.trials + 1):
     kind = rng.choice([signal.SIGTERM, signal.SIGKILL])
     wait = rng.uniform(0.0, args.max_wait)
-    child = subprocess.Popen(command(args.config, faulty, args.overrides), cwd=REPO,
+    child = subprocess.Popen(faulty_command, cwd=REPO,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     lines, training = [], threading.Event()
@@ -117,8 +123,7 @@ def main():
     if 'finished' in outcome:
       break
 
-  subprocess.run(command(args.config, faulty, args.overrides), check=True, cwd=REPO,
-                 env=env, stdout=subprocess.DEVNULL)
+  subprocess.run(faulty_command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
   want, got = losses(straight), losses(faulty)
   same_steps = sorted(want) == sorted(got)
   worst = max(abs(want[s] - got[s]) for s in want) if same_steps else float('inf')
