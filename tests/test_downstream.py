@@ -17,6 +17,7 @@ from contrastive import downstream
 from contrastive import export
 from contrastive import metrics
 from contrastive.data import in_memory
+from tests import faults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,19 +97,10 @@ def test_backbone_check_sees_one_changed_value(pretrained_workdir):
 def test_killed_run_resumes_from_its_checkpoint(linear_run, tmp_path, monkeypatch, capsys):
   config, straight_workdir, results = linear_run
   expected = _losses(straight_workdir)
-  real_batch = in_memory.LabelledTrainData.batch
-
-  def batch_then_die(self, step):
-    if step == 5:
-      raise KeyboardInterrupt('simulated kill')
-    return real_batch(self, step)
-
   workdir = str(tmp_path / 'resumed')
-  monkeypatch.setattr(in_memory.LabelledTrainData, 'batch', batch_then_die)
-  with pytest.raises(KeyboardInterrupt):
+  with faults.killed_at_step(monkeypatch, in_memory.LabelledTrainData, 5):
     downstream.train_and_evaluate(config, workdir)
   assert set(_losses(workdir)) == {1, 2, 3, 4, 5}
-  monkeypatch.setattr(in_memory.LabelledTrainData, 'batch', real_batch)
   resumed_results = downstream.train_and_evaluate(config, workdir)   # the same call again
   assert 'Resuming from the checkpoint of step 4' in capsys.readouterr().out
   resumed = _losses(workdir)

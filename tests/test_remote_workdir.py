@@ -7,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 from etils import epath
 
 from contrastive import downstream
@@ -15,6 +14,7 @@ from contrastive import export
 from contrastive import metrics
 from contrastive import train
 from contrastive.data import in_memory
+from tests import faults
 from tests.remote_fs import fake_gcs, remote_fs  # noqa: F401  pylint: disable=unused-import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,17 +32,8 @@ def test_train_resume_downstream_and_export_on_a_bucket(config, remote_fs, monke
   the bucket, and an export to and from the bucket. Nothing lands on local disk."""
   run = f'{remote_fs.url}/run'
   config.checkpoint_every_steps = 4
-  real_batch = in_memory.InMemoryTrainData.batch
-
-  def batch_then_die(self, step):
-    if step == 5:
-      raise KeyboardInterrupt('simulated kill')
-    return real_batch(self, step)
-
-  monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', batch_then_die)
-  with pytest.raises(KeyboardInterrupt):
+  with faults.killed_at_step(monkeypatch, in_memory.InMemoryTrainData, 5):
     train.train_and_evaluate(config, run)
-  monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', real_batch)
   stored = remote_fs.object_names()
   assert 'run/config.json' in stored and 'run/metrics.jsonl' in stored
   assert any(name.startswith('run/checkpoints/4/default/') for name in stored)

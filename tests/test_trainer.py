@@ -18,6 +18,7 @@ from contrastive import metrics
 from contrastive import train
 from contrastive.data import in_memory as in_memory_data
 from contrastive.data import sources
+from tests import faults
 from tests.remote_fs import fake_gcs, remote_fs  # noqa: F401  pylint: disable=unused-import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,18 +48,9 @@ def test_resumed_run_reproduces_uninterrupted_run(config, tmp_path, monkeypatch)
   total = max(expected)
   assert total >= 6
 
-  real_batch = in_memory_data.InMemoryTrainData.batch
-
-  def batch_then_die(self, step):
-    if step == 5:
-      raise KeyboardInterrupt('simulated kill')
-    return real_batch(self, step)
-
-  monkeypatch.setattr(in_memory_data.InMemoryTrainData, 'batch', batch_then_die)
-  with pytest.raises(KeyboardInterrupt):
+  with faults.killed_at_step(monkeypatch, in_memory_data.InMemoryTrainData, 5):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert set(_losses(tmp_path / 'resumed')) == {1, 2, 3, 4, 5}
-  monkeypatch.setattr(in_memory_data.InMemoryTrainData, 'batch', real_batch)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))   # the same command again
   resumed = _losses(tmp_path / 'resumed')
   assert sorted(resumed) == sorted(expected)
