@@ -26,6 +26,7 @@ def get_config(arg=None):
   base.model.width = 0.125
   base.model.bn = 'global'
   base.moco.key_bn = 'shuffle'
+  base.moco.bn_groups = 0                  # one group per device: one device, no shuffle
   base.data.source = 'folder'
   base.data.path = ''
   base.data.holdout_per_class = 100

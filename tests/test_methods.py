@@ -69,44 +69,53 @@ def test_sharded_enqueue_keeps_one_global_fifo():
   assert int(pointer) == 4 * per_step % size
 
 
-def test_shuffle_bn_undoes_the_permutation_and_uses_permuted_sub_batches(config):
+@pytest.mark.parametrize('num_devices,bn_groups', [(8, 0), (1, 8), (2, 4)])
+def test_shuffle_bn_normalises_groups_of_the_permuted_batch(config, num_devices, bn_groups):
+  """Shuffle BN: one global permutation of the key batch, then each group of it
+  (one per device, or ``bn_groups`` split over the devices: MoCo's split BN,
+  which also serves one device) normalised with its own statistics; keys come
+  back in the original order, running statistics are the groups' mean."""
   config.method = 'moco'
   config.moco.key_bn = 'shuffle'
   config.head.use_bn = False        # MoCo's heads; BN lives in the encoder
-  mesh, n_local = _mesh8(), 4
+  mesh = jax.make_mesh((num_devices,), ('data',), devices=jax.devices()[:num_devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  total, groups = 32, bn_groups or num_devices
   model = moco.METHOD.build_model(config)
-  images = jax.random.uniform(jax.random.key(0), (8 * n_local, 16, 16, 3))
+  images = jax.random.uniform(jax.random.key(0), (total, 16, 16, 3))
   variables = models.with_bn_axis(model, None).init(jax.random.key(1), images[:2],
                                                     train=False)
   shuffle_key = jax.random.key(5)
 
   def replica(target, views):
-    return moco.compute_keys(model, target, views, shuffle_key, 'shuffle', 'data')
+    return moco.compute_keys(model, target, views, shuffle_key, 'shuffle', 'data',
+                             bn_groups)
 
-  keys8, stats8 = jax.jit(jax.shard_map(
+  keys, stats = jax.jit(jax.shard_map(
       replica, mesh=mesh, in_specs=(P(), P('data')), out_specs=(P('data'), P())))(
           ema.init(variables), images)
 
-  # Reference: permute the global batch, run each device's slice with its own BN
+  # Reference: permute the global batch, run each group with its own BN
   # statistics, put the outputs back in the original order.
-  permutation = np.asarray(jax.random.permutation(shuffle_key, 8 * n_local))
+  permutation = np.asarray(jax.random.permutation(shuffle_key, total))
   local_apply = jax.jit(functools.partial(
       models.with_bn_axis(model, None).apply, train=True, mutable=['batch_stats']))
-  outputs = np.zeros((8 * n_local, config.head.out_dim), np.float32)
-  device_stats = []
-  for d in range(8):
-    rows = permutation[d * n_local:(d + 1) * n_local]
+  size = total // groups
+  outputs = np.zeros((total, config.head.out_dim), np.float32)
+  group_stats = []
+  for g in range(groups):
+    rows = permutation[g * size:(g + 1) * size]
     (_, proj), updates = local_apply(variables, images[rows])
     outputs[rows] = np.asarray(proj)
-    device_stats.append(updates['batch_stats'])
+    group_stats.append(updates['batch_stats'])
   want = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
-  tolerances.assert_close(keys8, want, rtol=1e-4)   # 8 devices vs a per-device loop
-  mean_stats = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *device_stats)
-  tolerances.assert_trees_close(stats8, mean_stats, rtol=1e-4)
-  # Per-device BN on the unshuffled sub-batches would have given other keys.
+  tolerances.assert_close(keys, want, rtol=1e-4)   # a sharded program vs a loop
+  mean_stats = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *group_stats)
+  tolerances.assert_trees_close(stats, mean_stats, rtol=1e-4)
+  # The same groups without the permutation would have given other keys.
   unshuffled = np.concatenate([
-      np.asarray(local_apply(variables, images[d * n_local:(d + 1) * n_local])[0][1])
-      for d in range(8)])
+      np.asarray(local_apply(variables, images[g * size:(g + 1) * size])[0][1])
+      for g in range(groups)])
   assert not np.allclose(unshuffled / np.linalg.norm(unshuffled, axis=1, keepdims=True),
                          want, atol=1e-3)
 
@@ -153,6 +162,8 @@ def test_memory_bank_reads_rows_across_shards(config):
                             r'the keys enqueued per step, 16 .*try 32'),
     ('moco.key_bn', 'sync', r"config.moco.key_bn='sync'; valid: shuffle, global, local"),
     ('moco.momentum_schedule', 'linear', r"momentum_schedule='linear'"),
+    ('moco.bn_groups', 3, r'config.moco.bn_groups=3 must divide the 16 keys'),
+    ('moco.bn_groups', -1, r'config.moco.bn_groups=-1 must be >= 0'),
 ])
 def test_moco_config_errors_name_the_field(config, field, value, message):
   config.method = 'moco'

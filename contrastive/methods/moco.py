@@ -12,7 +12,10 @@ Key-encoder BatchNorm (``config.moco.key_bn``): 'global' (synchronised across
 replicas), 'local' (per device) or 'shuffle' (MoCo's shuffle BN: the key batch is
 permuted across devices by one global permutation before the key encoder and
 restored after, so per-device statistics cannot reveal which query goes with
-which key).
+which key). With ``config.moco.bn_groups`` = G, the permuted global key batch is
+cut into G groups of B / G, each normalised with its own statistics: MoCo's
+split BatchNorm, which gives shuffle BN on a single device, and keys that do not
+depend on the device count (each device holds G / n whole groups).
 """
 
 import jax
@@ -42,6 +45,16 @@ def check_config(config) -> list[str]:
   if moco.temperature <= 0:
     problems.append(f'config.moco.temperature={moco.temperature} must be > 0.')
   per_step = keys_per_step(config)
+  groups = moco.bn_groups
+  if groups < 0:
+    problems.append(f'config.moco.bn_groups={groups} must be >= 0 (0: one per device).')
+  elif groups and moco.key_bn != 'shuffle':
+    problems.append(f'config.moco.bn_groups={groups} splits the shuffled key batch, but '
+                    f"config.moco.key_bn={moco.key_bn!r}: set key_bn='shuffle' or "
+                    'bn_groups=0.')
+  elif groups and per_step % groups:
+    problems.append(f'config.moco.bn_groups={groups} must divide the {per_step} keys '
+                    'of a step (the global batch, x 2 with the symmetric loss).')
   if per_step > 0 and (moco.queue_size <= 0 or moco.queue_size % per_step):
     views = ' x 2 views (symmetric loss)' if moco.symmetric else ''
     problems.append(
@@ -52,6 +65,10 @@ def check_config(config) -> list[str]:
 
 
 def check_run(config, run) -> list[str]:
+  groups = config.moco.bn_groups
+  if groups and groups % run.num_devices:
+    return [f'config.moco.bn_groups={groups} must be a multiple of the {run.num_devices} '
+            'devices, so that each device normalises whole groups.']
   if config.moco.queue_size > run.num_examples:
     per_step = keys_per_step(config)
     fits = run.num_examples // per_step * per_step
@@ -86,7 +103,7 @@ def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> 
       {'params': params, 'batch_stats': batch_stats}, query_views, train=True,
       mutable=['batch_stats'])
   keys, target_batch_stats = compute_keys(ctx.model, method_state['target'], key_views, key,
-                                          moco.key_bn, ctx.axis_name)
+                                          moco.key_bn, ctx.axis_name, moco.bn_groups)
   value = losses.info_nce(queries, keys, method_state['queue'], moco.temperature,
                           axis_name=ctx.axis_name)
   if moco.symmetric:        # the sum of both directions, as in MoCo's CIFAR recipe
@@ -96,19 +113,34 @@ def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> 
                     for_update={'keys': keys, 'target_batch_stats': target_batch_stats})
 
 
-def compute_keys(model, target, views, key, key_bn: str, axis_name):
+def compute_keys(model, target, views, key, key_bn: str, axis_name, bn_groups: int = 0):
   """L2-normalised key projections of ``views`` by the EMA ``target`` network, and
-  its new BN statistics (averaged over replicas unless synchronised already)."""
+  its new BN statistics (averaged over replicas unless synchronised already).
+  ``bn_groups`` > 0: the shuffled global batch normalised in that many groups."""
   key_model = models.with_bn_axis(model, axis_name if key_bn == 'global' else None)
   shuffle = key_bn == 'shuffle' and axis_name is not None
   if shuffle:
     views, unshuffle = shuffle_across_devices(views, key, axis_name)
-  (_, keys), batch_stats = ema.forward(key_model, target, views)
+  if bn_groups:
+    devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+    (_, keys), batch_stats = grouped_forward(key_model, target, views, bn_groups // devices)
+  else:
+    (_, keys), batch_stats = ema.forward(key_model, target, views)
   if shuffle:
     keys = unshuffle(keys)
   if key_bn != 'global' and axis_name is not None:
     batch_stats = jax.lax.pmean(batch_stats, axis_name)
   return losses.l2_normalize(keys), batch_stats
+
+
+def grouped_forward(model, target, images, groups: int):
+  """:func:`ema.forward` on ``groups`` consecutive slices of ``images``, each with
+  its own BatchNorm statistics; the running statistics are their mean, as in
+  MoCo's split BatchNorm."""
+  grouped = images.reshape(groups, images.shape[0] // groups, *images.shape[1:])
+  outputs, batch_stats = jax.vmap(lambda x: ema.forward(model, target, x))(grouped)
+  outputs = jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), outputs)
+  return outputs, jax.tree.map(lambda s: jnp.mean(s, axis=0), batch_stats)
 
 
 def shuffle_across_devices(x, key, axis_name):
