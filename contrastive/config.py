@@ -30,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.simclr = ml_collections.ConfigDict()
   config.simclr.temperature = 0.1
+  # SimCLR v2's memory: an EMA copy of the network whose projections of past
+  # batches are queued and added to the in-batch negatives. 0: no queue (SimCLR v1).
+  config.simclr.queue_size = 0
+  config.simclr.momentum = 0.999           # that copy's EMA momentum
+  config.simclr.momentum_schedule = 'constant'
 
   config.moco = ml_collections.ConfigDict()
   config.moco.queue_size = 65536           # K keys, split across devices; multiple of the batch
@@ -38,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.moco.temperature = 0.07
   config.moco.key_bn = 'shuffle'           # key encoder BN: 'shuffle', 'global' or 'local'
   config.moco.symmetric = False            # both views as queries (sum of both losses)
+  # key_bn='shuffle': the global key batch is cut into this many groups, each
+  # normalised with its own statistics (MoCo's split BN on one device); 0: one
+  # group per device. A fixed number makes the keys independent of the device count.
+  config.moco.bn_groups = 0
 
   config.membank = ml_collections.ConfigDict()
   config.membank.num_negatives = 4096      # bank rows drawn per step; 0: the whole bank
@@ -52,6 +61,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.instance_cls.smoothing_neighbours = 5  # K most similar rows, found once an epoch
   config.instance_cls.neighbour_chunk = 1024    # rows scored at a time by that search
 
+  config.byol = ml_collections.ConfigDict()
+  config.byol.momentum = 0.996             # target EMA, rising to 1 on the cosine schedule
+  config.byol.momentum_schedule = 'cosine'
+
+  config.moco_v3 = ml_collections.ConfigDict()
+  config.moco_v3.temperature = 1.0         # 1.0 for ResNets; the loss is scaled by 2T
+  config.moco_v3.momentum = 0.99           # key encoder EMA, rising to 1 (cosine)
+  config.moco_v3.momentum_schedule = 'cosine'
+
+  config.cmc = ml_collections.ConfigDict()
+  config.cmc.temperature = 0.07            # both directions' (CMC: 0.07 ImageNet, 0.1 STL-10)
+  config.cmc.negatives = 'membank'         # 'membank' (one bank per view) or 'queue' (MoCo-style)
+  config.cmc.num_negatives = 4096          # memory bank rows drawn per step; 0: the whole bank
+  config.cmc.bank_momentum = 0.5           # bank row <- m * row + (1 - m) * new embedding
+  config.cmc.queue_size = 16384            # 'queue': keys per view, multiple of the batch
+  config.cmc.momentum = 0.999              # 'queue': the key encoders' EMA momentum
+
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet50'           # resnet10/18/34/50/101/152
   config.model.width = 1.0                 # channel multiplier
@@ -64,6 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.head.hidden_dim = 0               # 0: the encoder's feature width
   config.head.out_dim = 128
   config.head.use_bn = True
+  config.head.output_bn = True             # with use_bn: BN (no centring) after the last layer
+
+  # The predictor MLP on the online side (BYOL, MoCo v3): projection -> prediction
+  # of the same size, head.out_dim.
+  config.predictor = ml_collections.ConfigDict()
+  config.predictor.num_layers = 2
+  config.predictor.hidden_dim = 4096
+  config.predictor.output_bn = False
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'              # 'tfds', 'folder' or 'digits'
@@ -79,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.in_memory = False            # True: whole split in host RAM, crops on device
 
   config.aug = augment.simclr_augment_config(strength=1.0, blur_prob=0.5)
+  # The second view's augmentation, for methods whose two views differ (BYOL,
+  # MoCo v3: blur and solarize); the others use config.aug for every view.
+  config.aug2 = augment.simclr_augment_config(strength=1.0, blur_prob=0.5)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'lars'               # 'lars', 'sgd' or 'adamw'
@@ -113,6 +150,10 @@ def downstream_config() -> ml_collections.ConfigDict:
   config.pretrained = ''                   # workdir of the pretraining run (required)
   config.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
   config.mode = 'linear'                   # 'linear' or 'finetune'
+  # Hidden layers of the pretrained projection head kept under the classifier,
+  # frozen or trained with the encoder: 0 the encoder's features; 1 SimCLR v2's
+  # fine-tuning from the head's first layer (Dense -> BN -> ReLU).
+  config.head_layers = 0
   config.label_fraction = 1.0              # class-balanced subset of the training labels
   config.subset_seed = 0                   # fixes that subset, whatever config.seed is
   config.seed = 0
@@ -331,7 +372,8 @@ def pretraining_problems(config) -> list[str]:
       ('model.stem', resnet.STEMS), ('model.bn', models.BN_MODES),
       ('model.bn_momentum', 'in [0, 1)'),
       ('head.num_layers', HEAD_LAYERS), ('head.hidden_dim', '>= 0'),
-      ('head.out_dim', '>= 1')))
+      ('head.out_dim', '>= 1'), ('head.use_bn', (True, False)),
+      ('head.output_bn', (True, False))))
   evaluation = ''
   if config.eval.enabled:
     evaluation = 'config.eval.enabled=True'
@@ -346,14 +388,23 @@ def pretraining_problems(config) -> list[str]:
   return problems
 
 
+def predictor_problems(config) -> list[str]:
+  """The ``predictor`` section, for the methods that have one (BYOL, MoCo v3)."""
+  return _fields(config, (('predictor.num_layers', HEAD_LAYERS),
+                          ('predictor.hidden_dim', '>= 1'),
+                          ('predictor.output_bn', (True, False))))
+
+
 def downstream_problems(config) -> list[str]:
   """Every problem of a downstream config (:func:`downstream_config`). Data fields
-  left None (the pretraining run's) are not checked."""
+  left None (the pretraining run's) are not checked, nor is ``head_layers`` against
+  the run's head: :mod:`contrastive.downstream` does that once it has read the run."""
   problems = []
   if not config.pretrained:
     problems.append(f"{_show('pretrained', config.pretrained)}; must be the workdir of "
                     'a pretraining run')
   problems += _fields(config, (('mode', DOWNSTREAM_MODES),
+                               ('head_layers', tuple(range(max(HEAD_LAYERS)))),
                                ('label_fraction', 'in (0, 1]')) + _RUN_FIELDS +
                       (('eval_batch_size', '> 0'),))
   problems += _data_problems(config.data, unset_ok=True,

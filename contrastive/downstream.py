@@ -11,6 +11,10 @@ cross-replica BatchNorm (the semi-supervised setting, usually on a
 eval split and write them to ``workdir/downstream.json``. Running the same command
 again resumes from the workdir's latest checkpoint.
 
+The backbone is the encoder, or with ``head_layers`` the encoder and the first
+hidden layers of the run's projection head (SimCLR v2 fine-tunes from the first),
+read from the same checkpoint and frozen or trained with the encoder.
+
 The data config defaults to the pretraining run's (every ``config.data`` field
 left unset is inherited). In-memory datasets are held whole by every process, and
 crops and flips run on the device; streamed datasets (``data.in_memory=False``)
@@ -20,6 +24,7 @@ standard 1% / 10% subsets use the TFDS builder ``imagenet2012_subset/1pct``
 """
 
 import json
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -28,12 +33,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from contrastive import command_line
 from contrastive import config as config_lib
 from contrastive import export
 from contrastive import loop
+from contrastive import models
 from contrastive import parallel
 from contrastive import paths
 from contrastive import workdir as workdir_lib
@@ -43,6 +50,7 @@ from contrastive.data import in_memory
 from contrastive.data import sources
 from contrastive.evaluate import features as features_lib
 from contrastive.methods import View
+from contrastive.models import heads
 
 AXIS = parallel.AXIS
 TOP_K = (1, 5)
@@ -52,12 +60,115 @@ say = loop.say
 class DownstreamState(flax.struct.PyTreeNode):
   """What a downstream checkpoint holds. In linear mode ``params`` is only the
   classifier and ``batch_stats`` the frozen backbone's statistics; the frozen
-  backbone parameters are reloaded from the pretraining workdir."""
+  backbone parameters are reloaded from the pretraining workdir. Fine-tuning,
+  ``params['encoder']`` holds the backbone's parameters. With ``head_layers`` the
+  backbone's variables nest ``encoder`` and ``head`` as the pretraining checkpoint's
+  do (:class:`Backbone`)."""
   step: jax.Array
   params: dict
   batch_stats: dict
   opt_state: optax.OptState
 
+
+# ----------------------------------------------------------------------------- backbone
+
+class EncoderWithHeadLayers(nn.Module):
+  """The encoder, then the first hidden layers of its pretrained projection head;
+  variables named as in the pretraining checkpoint (``encoder``, ``head``)."""
+  encoder: nn.Module
+  head: heads.HiddenLayers
+
+  def __call__(self, images, train: bool):
+    return self.head(self.encoder(images, train=train), train=train)
+
+
+class Backbone(NamedTuple):
+  """What the classifier sits on. With ``head_layers=0`` the encoder and its own
+  variables, so such runs keep the checkpoint layout they always had."""
+  module: nn.Module       # (images, train) -> features
+  variables: dict         # {'params', 'batch_stats'}, host numpy arrays
+  num_features: int
+
+
+def check_head_layers(head_layers: int, head: ml_collections.ConfigDict,
+                      method: str = '') -> None:
+  """``config.head_layers`` against the pretraining run's head config (and
+  ``method``), before any of its arrays is read."""
+  if head_layers and method == 'cmc':
+    raise ValueError(f'config.head_layers={head_layers}; a CMC run has one projection '
+                     'head per view (head/l, head/ab), so only config.head_layers=0 '
+                     '(both encoders\' features, concatenated) fits it.')
+  hidden = head.num_layers - 1
+  if head_layers <= hidden:
+    return
+  if not hidden:
+    raise ValueError(f'config.head_layers={head_layers}; the pretraining run\'s '
+                     f'projection head (head.num_layers={head.num_layers}) has no hidden '
+                     'layer: only config.head_layers=0 (the encoder\'s features) fits it.')
+  raise ValueError(f'config.head_layers={head_layers}; the pretraining run\'s '
+                   f'projection head (head.num_layers={head.num_layers}) has {hidden} '
+                   f'hidden layer(s): valid 0 to {hidden}.')
+
+
+def read_head_layers(workdir: str, step: int, num_layers: int) -> dict:
+  """``{'params', 'batch_stats'}`` (the latter only with BN) of the first
+  ``num_layers`` hidden layers of the projection head in ``workdir``'s checkpoint
+  of ``step``, as host numpy arrays: a partial restore, like the encoder's in
+  :func:`contrastive.export.load_pretrained`, so the device count of the run and
+  the rest of its state do not matter."""
+  names = {f'{kind}_{i}' for kind in ('Dense', 'BatchNorm') for i in range(num_layers)}
+  directory = paths.resolve(workdir) / 'checkpoints'
+  manager = ocp.CheckpointManager(
+      directory, item_handlers=ocp.PyTreeCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0))
+  try:
+    saved = manager.item_metadata(step).tree
+    missing = sorted(f'Dense_{i}' for i in range(num_layers)
+                     if f'Dense_{i}' not in saved['params'].get('head', {}))
+    if missing:
+      raise ValueError(f'config.head_layers={num_layers}; the checkpoint of step {step} '
+                       f'in {directory} has no {", ".join(missing)} under params["head"]: '
+                       'its method has no single projection head to keep layers of.')
+    item = {}
+    for collection in ('params', 'batch_stats'):
+      layers = {name: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+                                   layer)
+                for name, layer in saved[collection].get('head', {}).items() if name in names}
+      if layers:
+        item[collection] = {'head': layers}
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+  finally:
+    manager.close()
+  return {collection: tree['head'] for collection, tree in restored.items()}
+
+
+def load_backbone(config, pretrained: export.Pretrained) -> Backbone:
+  """The encoder, or with ``config.head_layers`` the encoder and that many of the
+  pretrained head's hidden layers, from the same checkpoint."""
+  if not config.head_layers:
+    return Backbone(pretrained.encoder, pretrained.variables,
+                    pretrained.encoder.num_features)
+  check_head_layers(config.head_layers, pretrained.config.head, pretrained.config.method)
+  head = models.build_model(pretrained.config.model, pretrained.config.head).head
+  layers = heads.hidden_layers(head, config.head_layers).clone(bn_axis_name=None)
+  head_variables = read_head_layers(config.pretrained, pretrained.step, config.head_layers)
+  variables = {collection: {'encoder': pretrained.variables[collection],
+                            **({'head': head_variables[collection]}
+                               if collection in head_variables else {})}
+               for collection in ('params', 'batch_stats')}
+  return Backbone(EncoderWithHeadLayers(pretrained.encoder, layers), variables,
+                  layers.hidden_dim)
+
+
+def _cross_replica(module: nn.Module) -> nn.Module:
+  """The backbone with its BatchNorm statistics over the data axis (fine-tuning)."""
+  if isinstance(module, EncoderWithHeadLayers):
+    return module.clone(encoder=module.encoder.clone(bn_axis_name=AXIS),
+                        head=module.head.clone(bn_axis_name=AXIS))
+  return module.clone(bn_axis_name=AXIS)
 
 
 # ----------------------------------------------------------------------------- data
@@ -108,7 +219,7 @@ def make_classifier(num_classes: int) -> nn.Dense:
                   bias_init=nn.initializers.zeros)
 
 
-def init_state(mode: str, classifier, tx, pretrained, seed: int) -> DownstreamState:
+def init_state(mode: str, classifier, tx, backbone: Backbone, seed: int) -> DownstreamState:
   """A new classifier (and, fine-tuning, the pretrained backbone) and its optimizer
   state, a pure function of ``seed``: one compiled function rather than many small
   eager ops, drawn with an RBG key, which compiles several times faster than
@@ -116,18 +227,18 @@ def init_state(mode: str, classifier, tx, pretrained, seed: int) -> DownstreamSt
 
   @jax.jit
   def initialize(key, variables):
-    features = jnp.zeros((1, pretrained.encoder.num_features))
+    features = jnp.zeros((1, backbone.num_features))
     params = {'classifier': classifier.init(key, features)['params']}
     if mode == 'finetune':
       params['encoder'] = variables['params']
     return DownstreamState(step=jnp.zeros((), jnp.int32), params=params,
                            batch_stats=variables['batch_stats'], opt_state=tx.init(params))
 
-  return initialize(jax.random.key(seed, impl='rbg'), pretrained.variables)
+  return initialize(jax.random.key(seed, impl='rbg'), backbone.variables)
 
 
-def make_train_step(mode: str, encoder, classifier, tx, schedule, aug, image_size: int,
-                    crop: bool, seed: int):
+def make_train_step(mode: str, backbone: nn.Module, classifier, tx, schedule, aug,
+                    image_size: int, crop: bool, seed: int):
   """The per-replica train step ``(state, frozen, batch) -> (state, scalars)``.
 
   ``frozen`` is the backbone's params in linear mode (an empty dict otherwise).
@@ -136,21 +247,21 @@ def make_train_step(mode: str, encoder, classifier, tx, schedule, aug, image_siz
   """
   finetune = mode == 'finetune'
   if finetune:
-    encoder = encoder.clone(bn_axis_name=AXIS)
+    backbone = _cross_replica(backbone)
 
   def train_step(state: DownstreamState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.key(seed), state.step)
     keys = augment.global_image_keys(step_key, batch['label'].shape[0], AXIS)
     images = augment.augment_images(keys, batch['image'], aug, image_size, crop=crop)
     if not finetune:
-      features = encoder.apply({'params': frozen, 'batch_stats': state.batch_stats},
-                               images, train=False)
+      features = backbone.apply({'params': frozen, 'batch_stats': state.batch_stats},
+                                images, train=False)
 
     def loss_fn(params):
       batch_stats = state.batch_stats
       if finetune:
-        x, updates = encoder.apply({'params': params['encoder'], 'batch_stats': batch_stats},
-                                   images, train=True, mutable=['batch_stats'])
+        x, updates = backbone.apply({'params': params['encoder'], 'batch_stats': batch_stats},
+                                    images, train=True, mutable=['batch_stats'])
         batch_stats = updates['batch_stats']
       else:
         x = features
@@ -175,14 +286,14 @@ def make_train_step(mode: str, encoder, classifier, tx, schedule, aug, image_siz
   return train_step
 
 
-def make_eval_step(mode: str, encoder, classifier, aug):
+def make_eval_step(mode: str, backbone: nn.Module, classifier, aug):
   """The per-replica ``((state, frozen), images) -> logits``, BN in inference mode."""
 
   def eval_step(state_and_frozen, images):
     state, frozen = state_and_frozen
-    backbone = state.params['encoder'] if mode == 'finetune' else frozen
-    features = encoder.apply({'params': backbone, 'batch_stats': state.batch_stats},
-                             augment.preprocess_eval(images, aug), train=False)
+    params = state.params['encoder'] if mode == 'finetune' else frozen
+    features = backbone.apply({'params': params, 'batch_stats': state.batch_stats},
+                              augment.preprocess_eval(images, aug), train=False)
     return classifier.apply({'params': state.params['classifier']}, features)
 
   return eval_step
@@ -269,7 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> dict:
   # --- pretrained backbone
   pretrained = _load_pretrained(config, _pretrained_step(config, run_dir, run_dir.path))
-  loaded = jax.tree.map(np.array, pretrained.variables)   # host copy for the final check
+  backbone = load_backbone(config, pretrained)
+  loaded = jax.tree.map(np.array, backbone.variables)     # host copy for the final check
   data = _resolve_data(config.data, pretrained.config.data)
   aug = _train_aug(config, pretrained.config.aug)
   linear = config.mode == 'linear'
@@ -284,21 +396,22 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> d
   # --- state
   opt = loop.optimizer(config.optim, config.global_batch_size, steps_per_epoch, num_steps)
   classifier = make_classifier(num_classes)
-  state = init_state(config.mode, classifier, opt.tx, pretrained, config.seed)
-  frozen = pretrained.variables['params'] if linear else {}
+  state = init_state(config.mode, classifier, opt.tx, backbone, config.seed)
+  frozen = backbone.variables['params'] if linear else {}
   state, frozen = jax.device_put((state, frozen), parallel.replicated(layout.mesh))
   record = workdir_lib.config_record(config)
   record.update(data=data.to_dict(), pretrained_step=pretrained.step)
   state, start_step, saved_run = run_dir.resume(state, record)
+  kept = f' with {config.head_layers} head layer(s)' if config.head_layers else ''
   say(f'{config.mode} on {paths.resolve(config.pretrained)} (step {pretrained.step}, '
-      f'{"frozen" if linear else "trained"} backbone): {num_examples} '
+      f'{"frozen" if linear else "trained"} backbone{kept}): {num_examples} '
       f'training images ({100 * config.label_fraction:g}% of the labels), '
       f'{num_classes} classes, {layout.mesh.devices.size} device(s), global batch '
       f'{config.global_batch_size}.')
 
   # --- loop
   step = parallel.per_replica(
-      make_train_step(config.mode, pretrained.encoder, classifier, opt.tx, opt.schedule,
+      make_train_step(config.mode, backbone.module, classifier, opt.tx, opt.schedule,
                       aug, data.image_size, crop=data.in_memory, seed=config.seed),
       layout.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
   batches = (train_data.batches(start_step) if data.in_memory else
@@ -316,7 +429,7 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> d
 
   # --- evaluation
   eval_step = parallel.per_replica(
-      make_eval_step(config.mode, pretrained.encoder, classifier, aug), layout.mesh,
+      make_eval_step(config.mode, backbone.module, classifier, aug), layout.mesh,
       in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
   logits, labels = features_lib.extract_features(
       eval_step, (state, frozen),
@@ -325,7 +438,8 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> d
   results = {
       **{f'top{k}_accuracy': top_k_accuracy(logits, labels, k) for k in TOP_K},
       'num_eval_images': int(len(labels)), 'num_train_images': int(num_examples),
-      'mode': config.mode, 'label_fraction': config.label_fraction,
+      'mode': config.mode, 'head_layers': config.head_layers,
+      'label_fraction': config.label_fraction,
       'epochs': config.num_epochs, 'steps': num_steps,
       'pretrained': str(paths.resolve(config.pretrained)), 'pretrained_step': pretrained.step,
   }

@@ -15,6 +15,17 @@ The exported network expects what it was trained on: RGB in [0, 1], then
 ``(x - config.aug.mean) / config.aug.std`` when the run set them (the digits and
 CIFAR recipes do not normalise at all). Each format records these values.
 
+CMC runs (``config.method='cmc'``) have two backbones, a ResNet of the L channel
+and one of the ab channels of CIE Lab (:mod:`contrastive.models.lab_split`). The
+Flax encoder is the pair: it takes RGB as above and does the Lab conversion
+itself. The torchvision and detectron2 state dicts hold both ResNets, every name
+prefixed with its view: ``l.`` (``l.conv1.weight`` has 1 input channel) and
+``ab.`` (2 input channels), each prefix one ResNet of half ``model.width``
+(``model.width=2`` gives torchvision's own widths). Their input is Lab of the
+sRGB image under the D65 white, ``(Lab - offset) / scale`` with the offset and
+scale in the safetensors metadata's ``input.lab`` (L / 50 - 1 for ``l.``;
+a / 110, b / 110 for ``ab.``); the features are L's and then ab's concatenated.
+
 Orbax and the config schema are imported inside the functions that read a
 workdir, so that :func:`load_flax_encoder` needs only flax and jax.
 """
@@ -34,6 +45,7 @@ from absl import flags
 from contrastive import command_line
 from contrastive import models
 from contrastive import paths
+from contrastive.models import lab_split
 from contrastive.models import resnet
 
 FORMATS = ('flax', 'torchvision', 'detectron2')
@@ -43,7 +55,7 @@ _FLAX_FORMAT = 'contrastive.flax_encoder'
 class Pretrained(NamedTuple):
   """The encoder of a run, and the config that trained it."""
   config: Any           # ml_collections.ConfigDict with every field of base_config()
-  encoder: resnet.ResNet
+  encoder: resnet.ResNet | lab_split.LabSplitEncoder
   variables: dict       # {'params', 'batch_stats'} of the encoder, numpy arrays
   step: int
 
@@ -103,7 +115,8 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
         item=item, restore_args=restore_args, partial_restore=True))
   finally:
     manager.close()
-  encoder = models.build_encoder(config.model).clone(bn_axis_name=None)
+  build = lab_split.build_encoder if config.method == 'cmc' else models.build_encoder
+  encoder = build(config.model).clone(bn_axis_name=None)
   variables = {collection: restored[collection]['encoder']
                for collection in ('params', 'batch_stats')}
   return Pretrained(config=config, encoder=encoder, variables=variables, step=int(step))
@@ -143,6 +156,16 @@ def _input_normalization(config) -> dict:
           'std': None if config.aug.std is None else list(config.aug.std)}
 
 
+def _torch_input(config) -> dict:
+  """What the state dicts' ResNets take: CMC's add the Lab conversion."""
+  described = _input_normalization(config)
+  if config.method == 'cmc':
+    described['lab'] = {'white': 'D65', 'offset': list(lab_split.LAB_OFFSET),
+                        'scale': list(lab_split.LAB_SCALE),
+                        'channels': {'l.': 'L', 'ab.': 'a, b'}}
+  return described
+
+
 # ----------------------------------------------------------------------------- flax
 
 def export_flax(workdir: str, out_path: str, step: int | None = None) -> None:
@@ -152,7 +175,8 @@ def export_flax(workdir: str, out_path: str, step: int | None = None) -> None:
   payload = {
       'format': _FLAX_FORMAT,
       'model': {'name': model.name, 'width': model.width, 'stem': model.stem,
-                'bn_momentum': model.bn_momentum},
+                'bn_momentum': model.bn_momentum,
+                'lab_split': isinstance(pretrained.encoder, lab_split.LabSplitEncoder)},
       'input': _input_normalization(pretrained.config),
       'step': pretrained.step,
       'variables': pretrained.variables,
@@ -160,7 +184,7 @@ def export_flax(workdir: str, out_path: str, step: int | None = None) -> None:
   paths.resolve(out_path).write_bytes(flax.serialization.msgpack_serialize(payload))
 
 
-def load_flax_encoder(path: str) -> tuple[resnet.ResNet, dict]:
+def load_flax_encoder(path: str) -> tuple[resnet.ResNet | lab_split.LabSplitEncoder, dict]:
   """``(module, variables)`` from :func:`export_flax`'s file; flax and jax only.
 
   Features: ``module.apply(variables, images, train=False)`` on images prepared as
@@ -172,8 +196,9 @@ def load_flax_encoder(path: str) -> tuple[resnet.ResNet, dict]:
     raise ValueError(f'{path} is not a file written by contrastive.export.export_flax.')
   model = payload['model']
   stage_sizes, block = resnet.ARCHITECTURES[model['name']]
-  module = resnet.ResNet(stage_sizes=stage_sizes, block=block, width=model['width'],
-                         stem=model['stem'], bn_momentum=model['bn_momentum'])
+  kind = lab_split.LabSplitEncoder if model.get('lab_split') else resnet.ResNet
+  module = kind(stage_sizes=stage_sizes, block=block, width=model['width'],
+                stem=model['stem'], bn_momentum=model['bn_momentum'])
   return module, payload['variables']
 
 
@@ -198,8 +223,10 @@ def torchvision_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
       net.maxpool = torch.nn.Identity()
 
   ``num_batches_tracked`` is the training step: the statistics were updated once
-  a step.
+  a step. A CMC encoder gives both views' ResNets, under ``l.`` and ``ab.``.
   """
+  if isinstance(pretrained.encoder, lab_split.LabSplitEncoder):
+    return _each_view(pretrained, torchvision_state_dict)
   params = pretrained.variables['params']
   stats = pretrained.variables['batch_stats']
   step = np.asarray(pretrained.step, np.int64)
@@ -242,6 +269,21 @@ def torchvision_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
   return state
 
 
+def _each_view(pretrained: Pretrained, state_dict) -> dict[str, np.ndarray]:
+  """``state_dict`` of each view's ResNet of a CMC encoder, under its view's prefix."""
+  names = set(pretrained.variables['params'])
+  if names != set(lab_split.VIEWS):
+    raise ValueError(f'A CMC encoder has the views {", ".join(lab_split.VIEWS)}, this one '
+                     f'{", ".join(sorted(names))}.')
+  state = {}
+  for view in lab_split.VIEWS:
+    one = pretrained._replace(
+        encoder=pretrained.encoder.view_encoder(),
+        variables={collection: tree[view] for collection, tree in pretrained.variables.items()})
+    state.update({f'{view}.{name}': value for name, value in state_dict(one).items()})
+  return state
+
+
 def _at(tree, path):
   for key in path:
     tree = tree[key]
@@ -266,7 +308,7 @@ def export_torchvision(workdir: str, out_path: str, step: int | None = None) -> 
   paths.resolve(out_path).write_bytes(safetensors.numpy.save(
       torchvision_state_dict(pretrained),
       metadata={'model': json.dumps(pretrained.config.model.to_dict()),
-                'input': json.dumps(_input_normalization(pretrained.config)),
+                'input': json.dumps(_torch_input(pretrained.config)),
                 'step': str(pretrained.step)}))
 
 
@@ -278,12 +320,17 @@ def detectron2_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
   The torchvision names renamed: ``layerN`` -> ``res{N+1}``, ``bnK`` ->
   ``convK.norm``, ``downsample.0/1`` -> ``shortcut``/``shortcut.norm``, stem
   names prefixed with ``stem.``; ``num_batches_tracked`` is dropped (detectron2's
-  frozen BatchNorm has none). The arrays are the same.
+  frozen BatchNorm has none). The arrays are the same. A CMC encoder gives both
+  views' ResNets, under ``l.`` and ``ab.``: each prefix, stripped, is one
+  detectron2 backbone, of 1 and 2 input channels; fed raw Lab, its
+  ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` are (50,) / (50,) and (0, 0) / (110, 110).
   """
   if pretrained.config.model.stem != 'imagenet':
     raise ValueError(f'model.stem={pretrained.config.model.stem!r}: detectron2 '
                      "builds only the 'imagenet' stem (7x7/2 convolution and "
                      'max-pool), and drops weights whose shape does not match.')
+  if isinstance(pretrained.encoder, lab_split.LabSplitEncoder):
+    return _each_view(pretrained, detectron2_state_dict)
   return {_detectron2_name(name): value
           for name, value in torchvision_state_dict(pretrained).items()
           if not name.endswith('num_batches_tracked')}

@@ -10,7 +10,7 @@ def l2_normalize(x, eps=1e-12):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
-def nt_xent(z1, z2, temperature: float, axis_name: str | None = None):
+def nt_xent(z1, z2, temperature: float, axis_name: str | None = None, negatives=None):
   """SimCLR's NT-Xent loss (normalised temperature-scaled cross-entropy).
 
   Args:
@@ -21,10 +21,15 @@ def nt_xent(z1, z2, temperature: float, axis_name: str | None = None):
       splits the global batch. Negatives are then the views of the whole global
       batch, gathered across that axis, and the returned value is the loss of the
       global batch on every replica, so its gradient is the global gradient.
+    negatives: optional ``[K, d]`` stored embeddings, used as stored (already
+      normalised): K more negatives for every anchor (SimCLR v2's queue). Per
+      replica, this device's ``[K / devices, d]`` rows: every device scores all
+      2N anchors against its own rows and the softmax is combined across devices
+      by :func:`sharded_logsumexp`, so no device holds all K.
 
   Returns:
     The mean over all 2N anchors of the cross-entropy of the anchor's positive
-    against the other 2N - 1 views (N the global batch size).
+    against the other 2N - 1 views (N the global batch size) and the K negatives.
   """
   z1, z2 = l2_normalize(z1), l2_normalize(z2)
   n = z1.shape[0]
@@ -44,8 +49,16 @@ def nt_xent(z1, z2, temperature: float, axis_name: str | None = None):
   positive_index = jnp.concatenate([rows + global_n, rows])
   columns = jnp.arange(2 * global_n)
   logits = jnp.where(columns[None, :] == self_index[:, None], -jnp.inf, logits)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(log_probs, positive_index[:, None], axis=-1))
+  if negatives is None:
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    loss = -jnp.mean(jnp.take_along_axis(log_probs, positive_index[:, None], axis=-1))
+  else:
+    # Rows self_index of the candidates are this device's anchors: the stored
+    # negatives' log-sum-exp of every global anchor, then of this device's.
+    stored = candidates @ negatives.astype(jnp.float32).T / temperature   # [2N, K_local]
+    stored = sharded_logsumexp(stored, axis_name)[self_index]             # [2n]
+    positive = jnp.take_along_axis(logits, positive_index[:, None], axis=-1)[:, 0]
+    loss = jnp.mean(sharded_logsumexp(logits, extra=stored) - positive)
   if axis_name is not None:
     loss = jax.lax.pmean(loss, axis_name)
   return loss
@@ -171,3 +184,35 @@ def info_nce(q, k, negatives, temperature: float, axis_name: str | None = None,
   # is the global loss, written as in nt_xent so gradients stay global.
   mine = jax.lax.dynamic_slice_in_dim(per_row, jax.lax.axis_index(axis_name) * n, n)
   return jax.lax.pmean(jnp.mean(mine), axis_name)
+
+
+def normalized_mse(predictions, targets, axis_name: str | None = None):
+  """BYOL's regression loss: ``|p/|p| - z/|z||^2 = 2 - 2 cos(p, z)`` per row, its
+  mean over the (global) batch. ``targets`` receive no gradient."""
+  p, z = l2_normalize(predictions), l2_normalize(jax.lax.stop_gradient(targets))
+  loss = jnp.mean(2.0 - 2.0 * jnp.sum(p * z, axis=-1))
+  if axis_name is not None:
+    loss = jax.lax.pmean(loss, axis_name)
+  return loss
+
+
+def in_batch_info_nce(q, k, temperature: float, axis_name: str | None = None):
+  """MoCo v3's contrastive loss: each query against the keys of the whole global
+  batch, its own key the positive (the others' keys are the negatives).
+
+  Per replica, ``q`` and ``k`` are this device's rows; the keys are gathered
+  (they receive no gradient), so each device scores its queries against all N
+  keys, and the returned value is the global-batch mean on every replica.
+  """
+  q, k = l2_normalize(q), l2_normalize(jax.lax.stop_gradient(k))
+  n = q.shape[0]
+  offset = 0
+  if axis_name is not None:
+    k = jax.lax.all_gather(k, axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * n
+  log_probs = jax.nn.log_softmax(q @ k.T / temperature, axis=-1)      # [n, N]
+  loss = -jnp.mean(jnp.take_along_axis(log_probs, (jnp.arange(n) + offset)[:, None],
+                                       axis=-1))
+  if axis_name is not None:
+    loss = jax.lax.pmean(loss, axis_name)
+  return loss

@@ -10,6 +10,7 @@ import pytest
 
 from contrastive import config as config_lib
 from contrastive import models
+from contrastive import train
 from contrastive.methods import METHODS
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -17,7 +18,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 PRETRAINING = sorted(
     name[:-3] for name in os.listdir(CONFIG_DIR)
     if name.endswith('.py')
-    and not name.startswith(('linear_eval', 'finetune', 'negatives_study', '__')))
+    and not name.startswith(('linear_eval', 'finetune', 'negatives_study', 'methods_study',
+                                 '__')))
 DOWNSTREAM = sorted(name[:-3] for name in os.listdir(CONFIG_DIR)
                     if name.startswith(('linear_eval', 'finetune')) and name.endswith('.py'))
 
@@ -44,7 +46,7 @@ def test_pretraining_config_loads_and_fits_the_schema(name):
     if config.method == 'moco':
       assert config.moco.queue_size % config.global_batch_size == 0
     assert config_lib.pretraining_problems(config) == []
-    config_lib.validate_pretraining(config)
+    train.check_config(config, METHODS[config.method])     # its section and views too
 
 
 def test_moco_recipes():
@@ -57,6 +59,23 @@ def test_moco_recipes():
   assert cifar.moco.symmetric and (cifar.moco.queue_size, cifar.moco.momentum) == (4096, 0.99)
   with pytest.raises(ValueError, match='valid arguments: symmetric'):
     moco_v2_cifar10.get_config('symetric')
+
+
+def test_byol_and_moco_v3_recipes():
+  from configs import byol_cifar10, byol_imagenet, moco_v3_cifar10, moco_v3_imagenet  # pylint: disable=import-outside-toplevel
+  byol = byol_imagenet.get_config()
+  assert (byol.aug.blur_prob, byol.aug2.blur_prob) == (1.0, 0.1)
+  assert (byol.aug.solarize_prob, byol.aug2.solarize_prob) == (0.0, 0.2)
+  assert (byol.byol.momentum, byol.byol.momentum_schedule) == (0.996, 'cosine')
+  assert (byol.optim.name, byol.optim.base_lr, byol.optim.weight_decay) == ('lars', 0.2, 1.5e-6)
+  assert (byol.global_batch_size, byol.head.hidden_dim, byol.head.out_dim) == (4096, 4096, 256)
+  assert not byol.head.output_bn and byol.predictor.hidden_dim == 4096
+  solo = byol_cifar10.get_config()
+  assert (solo.optim.base_lr, solo.optim.trust_coefficient, solo.byol.momentum) == (1.0, 0.02, 0.99)
+  v3 = moco_v3_imagenet.get_config('1000')
+  assert (v3.moco_v3.temperature, v3.moco_v3.momentum, v3.optim.base_lr) == (1.0, 0.996, 0.3)
+  assert moco_v3_imagenet.get_config().optim.base_lr == 0.6 and v3.head.output_bn
+  assert moco_v3_cifar10.get_config().moco_v3.temperature == 0.2
 
 
 def test_negatives_study_plans_one_run_per_mechanism_and_count():
@@ -312,3 +331,24 @@ def test_negatives_study_checks_every_run_before_training_any(tmp_path):
   with pytest.raises(ValueError, match=r'config.moco.queue_size=1000 must be a positive'):
     negatives.run_study(config, str(tmp_path / 'study'))
   assert not os.path.exists(tmp_path / 'study')     # no run started
+
+
+def test_methods_study_applies_one_budget_to_every_recipe():
+  from configs import methods_study  # pylint: disable=import-outside-toplevel
+  from contrastive.studies import methods  # pylint: disable=import-outside-toplevel
+  config = methods_study.get_config()
+  config.budget.data_path = '/data/cifar10'
+  runs = {recipe: methods.run_config(recipe, config.budget) for _, recipe in config.runs}
+  assert {run.method for run in runs.values()} == {'simclr', 'moco', 'byol', 'moco_v3',
+                                                    'cmc'}
+  for recipe, run in runs.items():
+    assert (run.global_batch_size, run.num_epochs, run.model.width) == (128, 5.0, 0.125)
+    assert (run.data.path, run.data.holdout_per_class) == ('/data/cifar10', 500), recipe
+    assert run.optim.warmup_epochs <= 0.5 and run.eval.knn_every_epochs == 1.0
+    for field in methods.QUEUE_FIELDS:
+      section, key = field.split('.')
+      assert run[section][key] <= 4096
+    train.check_config(run, METHODS[run.method])
+  # The recipes stay their own: BYOL keeps its asymmetric views, SimCLR v2 its queue.
+  assert runs['byol_cifar10'].aug2.solarize_prob == 0.2
+  assert runs['simclr_v2_cifar10'].simclr.queue_size > 0

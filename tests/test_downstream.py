@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -17,7 +18,9 @@ from contrastive import downstream
 from contrastive import export
 from contrastive import metrics
 from contrastive.data import in_memory
+from contrastive.models import heads
 from tests import faults
+from tests import tolerances
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,10 +53,10 @@ def _losses(workdir):
           if 'loss' in record}
 
 
-def _restore_final_state(workdir):
+def _restore_final_state(workdir, step=None):
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
                                   item_handlers=ocp.PyTreeCheckpointHandler())
-  step = manager.latest_step()
+  step = manager.latest_step() if step is None else step
   state = manager.restore(step, args=ocp.args.PyTreeRestore(
       restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                 manager.item_metadata(step).tree)))
@@ -187,7 +190,8 @@ def test_restarted_run_keeps_its_pretrained_step(tmp_path):
   assert downstream._pretrained_step(config, Manager(latest=5), str(tmp_path)) == 7
 
 
-@pytest.mark.parametrize('name', ['linear_eval_moco', 'linear_eval_simclr', 'finetune_semi'])
+@pytest.mark.parametrize('name', ['linear_eval_moco', 'linear_eval_simclr', 'finetune_semi',
+                                  'finetune_simclr_v2'])
 def test_config_files_fit_the_schema(name):
   module = importlib.import_module(f'configs.{name}')
   assert f'--config=configs/{name}.py' in module.__doc__
@@ -200,7 +204,7 @@ def test_config_files_fit_the_schema(name):
 
 
 def test_protocol_recipes():
-  from configs import finetune_semi, linear_eval_simclr  # pylint: disable=import-outside-toplevel
+  from configs import finetune_semi, finetune_simclr_v2, linear_eval_simclr  # pylint: disable=import-outside-toplevel
   moco = linear_eval_moco.get_config().optim
   assert (moco.base_lr, moco.momentum, moco.nesterov, moco.weight_decay, moco.schedule,
           moco.decay_epochs) == (30.0, 0.9, False, 0.0, 'steps', (60.0, 80.0))
@@ -213,3 +217,130 @@ def test_protocol_recipes():
     assert (semi.mode, semi.label_fraction, semi.num_epochs) == ('finetune', fraction, epochs)
   with pytest.raises(ValueError, match='label percentage'):
     finetune_semi.get_config('5')
+  for arg, fraction, epochs in (('1', 0.01, 60.0), ('10', 0.1, 30.0)):
+    v2 = finetune_simclr_v2.get_config(arg)
+    assert (v2.mode, v2.head_layers, v2.label_fraction, v2.num_epochs) == (
+        'finetune', 1, fraction, epochs)
+    assert (v2.optim.name, v2.optim.base_lr, v2.optim.lr_scaling, v2.optim.weight_decay,
+            v2.optim.warmup_epochs) == ('lars', 0.005, 'sqrt', 0.0, 0.0)
+  with pytest.raises(ValueError, match='label percentage'):
+    finetune_simclr_v2.get_config('100')
+
+
+# ----------------------------------------------------------------------------- head layers
+# The fixture's head has num_layers=2: one hidden layer, Dense_0 -> BatchNorm_0 -> ReLU.
+
+def test_kept_head_layer_is_the_pretrained_head_first_layer(pretrained_workdir):
+  """Against the pretraining checkpoint's own arrays, BN in inference mode."""
+  pretrained = export.load_pretrained(pretrained_workdir)
+  backbone = downstream.load_backbone(_config(pretrained_workdir, head_layers=1), pretrained)
+  saved = _restore_final_state(pretrained_workdir)
+  assert set(backbone.variables['params']['head']) == {'Dense_0', 'BatchNorm_0'}
+  images = np.random.default_rng(0).uniform(size=(6, 16, 16, 3)).astype(np.float32)
+  features, got = jax.jit(lambda encoder_variables, variables: (
+      pretrained.encoder.apply(encoder_variables, images, train=False),
+      backbone.module.apply(variables, images, train=False)))(pretrained.variables,
+                                                              backbone.variables)
+  dense, bn = saved['params']['head']['Dense_0'], saved['params']['head']['BatchNorm_0']
+  stats = saved['batch_stats']['head']['BatchNorm_0']
+  assert 'bias' not in dense                       # use_bn: the Dense has no bias
+  x = np.asarray(features) @ dense['kernel']
+  expected = np.maximum((x - stats['mean']) / np.sqrt(stats['var'] + 1e-5) * bn['scale']
+                        + bn['bias'], 0)
+  assert got.shape == expected.shape == (6, backbone.num_features)
+  assert np.mean(expected > 0) > 0.1                # the ReLU passes something
+  tolerances.assert_close(got, expected)
+
+
+def _save_pretraining_arrays(workdir, step, head_params):
+  """A checkpoint with only what :func:`downstream.read_head_layers` looks at."""
+  manager = ocp.CheckpointManager(str(workdir / 'checkpoints'),
+                                  item_handlers=ocp.PyTreeCheckpointHandler())
+  manager.save(step, args=ocp.args.PyTreeSave({
+      'params': {'encoder': {'w': np.ones(2)}, 'head': head_params},
+      'batch_stats': {'encoder': {'mean': np.zeros(2)}}}))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_head_layers_read_without_bn_and_refused_without_one_head(tmp_path):
+  """A head without BN (MoCo v2's) has biases and no statistics to read; one head
+  per view (CMC's) has no single head to keep layers of."""
+  head = heads.ProjectionHead(num_layers=3, hidden_dim=8, out_dim=4, use_bn=False)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 6)).astype(np.float32)
+  shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), x, train=False))['params']
+  head_params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  _save_pretraining_arrays(tmp_path, 3, head_params)
+  variables = downstream.read_head_layers(str(tmp_path), 3, 2)
+  assert set(variables) == {'params'}
+  assert set(variables['params']) == {'Dense_0', 'Dense_1'}
+  y = x
+  for name in ('Dense_0', 'Dense_1'):
+    y = np.maximum(y @ head_params[name]['kernel'] + head_params[name]['bias'], 0)
+  got = heads.hidden_layers(head, 2).apply(variables, x, train=False)
+  tolerances.assert_close(got, y)
+
+  _save_pretraining_arrays(tmp_path, 4, {'l': head_params, 'ab': head_params})
+  with pytest.raises(ValueError, match=r'config\.head_layers=1; .* no Dense_0 under'):
+    downstream.read_head_layers(str(tmp_path), 4, 1)
+
+
+def test_linear_from_head_layer_freezes_it_and_trains_the_classifier(pretrained_workdir,
+                                                                    tmp_path):
+  config = _config(pretrained_workdir, head_layers=1, num_epochs=1.0)   # 4 steps
+  results = downstream.train_and_evaluate(config, str(tmp_path))
+  assert results['backbone_unchanged'] is True and results['head_layers'] == 1
+  pretrained = export.load_pretrained(pretrained_workdir)
+  backbone = downstream.load_backbone(config, pretrained)
+  before, after = _restore_final_state(str(tmp_path), 2), _restore_final_state(str(tmp_path))
+  assert set(after['params']) == {'classifier'}
+  assert _trees_equal(after['batch_stats'], backbone.variables['batch_stats'])
+  assert set(after['batch_stats']) == {'encoder', 'head'}
+  assert not np.array_equal(before['params']['classifier']['kernel'],
+                            after['params']['classifier']['kernel'])
+
+
+def test_backbone_check_covers_the_head_layers(pretrained_workdir):
+  config = _config(pretrained_workdir, head_layers=1)
+  variables = downstream.load_backbone(config, export.load_pretrained(pretrained_workdir)
+                                       ).variables
+  for collection in ('params', 'batch_stats'):
+    changed = jax.tree.map(np.copy, variables)
+    leaf = changed[collection]['head']['BatchNorm_0']['scale' if collection == 'params'
+                                                      else 'var']
+    leaf.flat[0] = np.nextafter(leaf.flat[0], np.inf)
+    with pytest.raises(RuntimeError, match='backbone changed'):
+      downstream._check_backbone_unchanged(variables, changed)
+
+
+def test_finetune_from_head_layer_trains_it(pretrained_workdir, tmp_path):
+  config = _config(pretrained_workdir, mode='finetune', head_layers=1, num_epochs=0.5)
+  config.optim.base_lr = 0.5
+  downstream.train_and_evaluate(config, str(tmp_path))
+  state = _restore_final_state(str(tmp_path))
+  backbone = downstream.load_backbone(config, export.load_pretrained(pretrained_workdir))
+  trained = {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}
+  for collection in ('params', 'batch_stats'):
+    before, after = backbone.variables[collection], trained[collection]
+    assert jax.tree.structure(before) == jax.tree.structure(after)
+    moved = {part: [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[part]),
+                                                             jax.tree.leaves(after[part]))]
+             for part in ('encoder', 'head')}
+    assert sum(moved['encoder']) > len(moved['encoder']) // 2, collection
+    assert all(moved['head']), collection
+
+
+def test_head_layers_beyond_the_runs_head_name_the_field(pretrained_workdir, tmp_path):
+  with pytest.raises(ValueError, match=r'config\.head_layers=2; .*\(head\.num_layers=2\) has '
+                                       r'1 hidden layer\(s\): valid 0 to 1'):
+    downstream.train_and_evaluate(_config(pretrained_workdir, head_layers=2), str(tmp_path))
+  with pytest.raises(ValueError, match=r'config\.head_layers=1; .*\(head\.num_layers=1\) has '
+                                       'no hidden layer'):
+    downstream.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 1}))
+  with pytest.raises(ValueError, match=r'config\.head_layers=1; a CMC run has one projection '
+                                       r'head per view'):
+    downstream.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 3}), 'cmc')
+  for value in (3, -1):
+    with pytest.raises(ValueError, match=rf'config\.head_layers={value}; valid: 0, 1, 2'):
+      config_lib.validate_downstream(_config(pretrained_workdir, head_layers=value))

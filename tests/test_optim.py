@@ -81,7 +81,7 @@ def test_resnet_feature_width_and_head(name, stem, width, size, features):
   model_config = ml_collections.ConfigDict(dict(
       name=name, width=width, stem=stem, bn='local', bn_momentum=0.9))
   head_config = ml_collections.ConfigDict(dict(num_layers=3, hidden_dim=0, out_dim=16,
-                                               use_bn=True))
+                                               use_bn=True, output_bn=True))
   model = models.build_model(model_config, head_config)
   assert model.encoder.num_features == features
   variables = jax.eval_shape(lambda key: model.init(key, jnp.zeros((2, size, size, 3)),
@@ -92,6 +92,21 @@ def test_resnet_feature_width_and_head(name, stem, width, size, features):
   head = variables['params']['head']
   assert [head[f'Dense_{i}']['kernel'].shape for i in range(3)] == [
       (features, features), (features, features), (features, 16)]
+
+
+@pytest.mark.parametrize('width, features', [(2.0, 4096), (3.0, 6144)])
+def test_simclr_v2_wide_resnet50(width, features):
+  """SimCLR v2's 2x and 3x ResNet-50: shapes only (``eval_shape``), nothing computed."""
+  model_config = ml_collections.ConfigDict(dict(
+      name='resnet50', width=width, stem='imagenet', bn='local', bn_momentum=0.9))
+  encoder = models.build_encoder(model_config)
+  assert encoder.num_features == features
+  images = jnp.zeros((2, 64, 64, 3))
+  variables = jax.eval_shape(lambda key: encoder.init(key, images, train=False),
+                             jax.random.key(0))
+  assert jax.eval_shape(lambda v: encoder.apply(v, images, train=False),
+                        variables).shape == (2, features)
+  assert variables['params']['stem_conv']['kernel'].shape == (7, 7, 3, int(64 * width))
 
 
 def test_schedule_from_config_turns_epochs_into_steps():

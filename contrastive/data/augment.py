@@ -18,6 +18,10 @@ import ml_collections
 from ml_collections import config_dict
 
 _LUMA = (0.2989, 0.5870, 0.1140)  # Weights of tf.image.rgb_to_grayscale.
+# Linear sRGB -> CIE XYZ (IEC 61966-2-1 primaries); each row sums to D65's white.
+_SRGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
+                (0.2126729, 0.7151522, 0.0721750),
+                (0.0193339, 0.1191920, 0.9503041))
 _CROP_ATTEMPTS = 10
 _CROP_DRAWS = 2 * _CROP_ATTEMPTS + 2  # Areas, aspects, then top and left.
 _JITTER_DRAWS = 8  # Four factors, then four sort keys for the order.
@@ -205,6 +209,36 @@ def adjust_hue(image, delta):
   """
   hue, value, chroma = _hue_value_chroma(image)
   return _from_hue_value_chroma(hue + 6.0 * delta, value, chroma)
+
+
+def rgb_to_lab(image):
+  """sRGB in [0, 1] to CIE L*a*b* under the D65 white: L in [0, 100], a and b
+  roughly in [-110, 110] (the sRGB gamut spans a in [-86.2, 98.2], b in
+  [-107.9, 94.5]).
+
+  The sRGB transfer curve is undone, the linear RGB taken to XYZ with the sRGB
+  primaries, XYZ divided by the white (the matrix's row sums), and the CIE
+  cube-root compression applied. X and Z are written as Y plus multiples of
+  R - B and G - B (each white-divided row sums to 1), so every grey, white
+  included, has a = b = 0 exactly rather than up to rounding: a greyscale image
+  gives an ab of zeros. Channel by channel, as :func:`_luma`, so accelerators do
+  not run it as a reduced-precision matmul.
+  """
+  linear = jnp.where(image <= 0.04045, image / 12.92,
+                     jnp.power((jnp.maximum(image, 0.04045) + 0.055) / 1.055, 2.4))
+  r, g, b = linear[..., 0], linear[..., 1], linear[..., 2]
+  rows = [[w / sum(row) for w in row] for row in _SRGB_TO_XYZ]
+  y = rows[1][0] * r + rows[1][1] * g + rows[1][2] * b
+  x, z = (y + (row[0] - rows[1][0]) * (r - b) + (row[1] - rows[1][1]) * (g - b)
+          for row in (rows[0], rows[2]))
+  epsilon = (6 / 29) ** 3            # below it f is linear: no infinite slope at 0
+
+  def f(t):
+    return jnp.where(t > epsilon, jnp.cbrt(jnp.maximum(t, epsilon)),
+                     t / (3 * (6 / 29) ** 2) + 4 / 29)
+
+  fx, fy, fz = f(x), f(y), f(z)
+  return jnp.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
 
 
 def color_jitter(rng, image, brightness: float, contrast: float,

@@ -14,9 +14,12 @@ import jax.numpy as jnp
 MOMENTUM_SCHEDULES = ('constant', 'cosine')
 
 
-def init(variables) -> dict:
-  """The target starts as a copy of the freshly initialised online network."""
-  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+def init(variables, without=()) -> dict:
+  """The target starts as a copy of the freshly initialised online network, less
+  the parts named in ``without`` that only the online side has (a predictor)."""
+  return {collection: {name: value for name, value in variables[collection].items()
+                       if name not in without}
+          for collection in ('params', 'batch_stats')}
 
 
 def momentum_at(step, momentum: float, schedule: str, total_steps: int):
@@ -42,8 +45,10 @@ def forward(model, target: dict, images):
 
 
 def update(target: dict, online_params, batch_stats, momentum) -> dict:
-  """After the optimizer step: parameters EMA-updated, statistics replaced."""
-  return {'params': ema(target['params'], online_params, momentum),
+  """After the optimizer step: parameters EMA-updated, statistics replaced. Only
+  the online parameters the target has are followed."""
+  online = {name: online_params[name] for name in target['params']}
+  return {'params': ema(target['params'], online, momentum),
           'batch_stats': batch_stats}
 
 

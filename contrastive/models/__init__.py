@@ -19,6 +19,30 @@ class EncoderWithHead(nn.Module):
     return features, self.head(features, train=train)
 
 
+class EncoderWithPredictor(nn.Module):
+  """The online network of BYOL and MoCo v3: encoder, projector and predictor.
+
+  Called like :class:`EncoderWithHead` it returns ``(features, projections)``,
+  which is also what the EMA target (no predictor) computes;
+  ``predict`` adds the predictor's output. Initialising through ``__call__``
+  creates the predictor's parameters too.
+  """
+  encoder: ResNet
+  head: ProjectionHead
+  predictor: ProjectionHead
+
+  def __call__(self, images, train: bool):
+    features = self.encoder(images, train=train)
+    projections = self.head(features, train=train)
+    if self.is_initializing():
+      self.predictor(projections, train=train)
+    return features, projections
+
+  def predict(self, images, train: bool):
+    features, projections = self(images, train=train)
+    return features, projections, self.predictor(projections, train=train)
+
+
 def bn_axis_name(model: ml_collections.ConfigDict, axis_name: str) -> str | None:
   """``model.bn='global'`` synchronises BatchNorm over ``axis_name``."""
   if model.bn not in BN_MODES:
@@ -42,15 +66,29 @@ def build_model(model: ml_collections.ConfigDict, head: ml_collections.ConfigDic
   projection = ProjectionHead(
       num_layers=head.num_layers,
       hidden_dim=head.hidden_dim or encoder.num_features,
-      out_dim=head.out_dim, use_bn=head.use_bn,
+      out_dim=head.out_dim, use_bn=head.use_bn, output_bn=head.output_bn,
       bn_axis_name=bn_axis_name(model, axis_name), bn_momentum=model.bn_momentum)
   return EncoderWithHead(encoder, projection)
 
 
-def with_bn_axis(model: EncoderWithHead, axis_name: str | None) -> EncoderWithHead:
+def build_model_with_predictor(model: ml_collections.ConfigDict,
+                               head: ml_collections.ConfigDict,
+                               predictor: ml_collections.ConfigDict,
+                               axis_name: str = 'data') -> EncoderWithPredictor:
+  """:func:`build_model` plus a predictor MLP from ``head.out_dim`` to itself."""
+  network = build_model(model, head, axis_name)
+  prediction = ProjectionHead(
+      num_layers=predictor.num_layers, hidden_dim=predictor.hidden_dim,
+      out_dim=head.out_dim, use_bn=True, output_bn=predictor.output_bn,
+      bn_axis_name=bn_axis_name(model, axis_name), bn_momentum=model.bn_momentum)
+  return EncoderWithPredictor(network.encoder, network.head, prediction)
+
+
+def with_bn_axis(model, axis_name: str | None):
   """The same network with its BatchNorm statistics over ``axis_name`` (None: local)."""
-  return model.clone(encoder=model.encoder.clone(bn_axis_name=axis_name),
-                     head=model.head.clone(bn_axis_name=axis_name))
+  parts = {name: getattr(model, name).clone(bn_axis_name=axis_name)
+           for name in ('encoder', 'head', 'predictor') if hasattr(model, name)}
+  return model.clone(**parts)
 
 
 def encoder_features(model: EncoderWithHead, params, batch_stats, images):
