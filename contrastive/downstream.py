@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from contrastive import command_line
@@ -50,7 +49,6 @@ from contrastive.data import in_memory
 from contrastive.data import sources
 from contrastive.evaluate import features as features_lib
 from contrastive.methods import View
-from contrastive.models import heads
 
 AXIS = parallel.AXIS
 TOP_K = (1, 5)
@@ -72,16 +70,6 @@ class DownstreamState(flax.struct.PyTreeNode):
 
 # ----------------------------------------------------------------------------- backbone
 
-class EncoderWithHeadLayers(nn.Module):
-  """The encoder, then the first hidden layers of its pretrained projection head;
-  variables named as in the pretraining checkpoint (``encoder``, ``head``)."""
-  encoder: nn.Module
-  head: heads.HiddenLayers
-
-  def __call__(self, images, train: bool):
-    return self.head(self.encoder(images, train=train), train=train)
-
-
 class Backbone(NamedTuple):
   """What the classifier sits on. With ``head_layers=0`` the encoder and its own
   variables, so such runs keep the checkpoint layout they always had."""
@@ -90,82 +78,17 @@ class Backbone(NamedTuple):
   num_features: int
 
 
-def check_head_layers(head_layers: int, head: ml_collections.ConfigDict,
-                      method: str = '') -> None:
-  """``config.head_layers`` against the pretraining run's head config (and
-  ``method``), before any of its arrays is read."""
-  if head_layers and method == 'cmc':
-    raise ValueError(f'config.head_layers={head_layers}; a CMC run has one projection '
-                     'head per view (head/l, head/ab), so only config.head_layers=0 '
-                     '(both encoders\' features, concatenated) fits it.')
-  hidden = head.num_layers - 1
-  if head_layers <= hidden:
-    return
-  if not hidden:
-    raise ValueError(f'config.head_layers={head_layers}; the pretraining run\'s '
-                     f'projection head (head.num_layers={head.num_layers}) has no hidden '
-                     'layer: only config.head_layers=0 (the encoder\'s features) fits it.')
-  raise ValueError(f'config.head_layers={head_layers}; the pretraining run\'s '
-                   f'projection head (head.num_layers={head.num_layers}) has {hidden} '
-                   f'hidden layer(s): valid 0 to {hidden}.')
-
-
-def read_head_layers(workdir: str, step: int, num_layers: int) -> dict:
-  """``{'params', 'batch_stats'}`` (the latter only with BN) of the first
-  ``num_layers`` hidden layers of the projection head in ``workdir``'s checkpoint
-  of ``step``, as host numpy arrays: a partial restore, like the encoder's in
-  :func:`contrastive.export.load_pretrained`, so the device count of the run and
-  the rest of its state do not matter."""
-  names = {f'{kind}_{i}' for kind in ('Dense', 'BatchNorm') for i in range(num_layers)}
-  directory = paths.resolve(workdir) / 'checkpoints'
-  manager = ocp.CheckpointManager(
-      directory, item_handlers=ocp.PyTreeCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0))
-  try:
-    saved = manager.item_metadata(step).tree
-    missing = sorted(f'Dense_{i}' for i in range(num_layers)
-                     if f'Dense_{i}' not in saved['params'].get('head', {}))
-    if missing:
-      raise ValueError(f'config.head_layers={num_layers}; the checkpoint of step {step} '
-                       f'in {directory} has no {", ".join(missing)} under params["head"]: '
-                       'its method has no single projection head to keep layers of.')
-    item = {}
-    for collection in ('params', 'batch_stats'):
-      layers = {name: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
-                                   layer)
-                for name, layer in saved[collection].get('head', {}).items() if name in names}
-      if layers:
-        item[collection] = {'head': layers}
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, partial_restore=True,
-        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
-  finally:
-    manager.close()
-  return {collection: tree['head'] for collection, tree in restored.items()}
-
-
 def load_backbone(config, pretrained: export.Pretrained) -> Backbone:
   """The encoder, or with ``config.head_layers`` the encoder and that many of the
   pretrained head's hidden layers, from the same checkpoint."""
-  if not config.head_layers:
-    return Backbone(pretrained.encoder, pretrained.variables,
-                    pretrained.encoder.num_features)
-  check_head_layers(config.head_layers, pretrained.config.head, pretrained.config.method)
-  head = models.build_model(pretrained.config.model, pretrained.config.head).head
-  layers = heads.hidden_layers(head, config.head_layers).clone(bn_axis_name=None)
-  head_variables = read_head_layers(config.pretrained, pretrained.step, config.head_layers)
-  variables = {collection: {'encoder': pretrained.variables[collection],
-                            **({'head': head_variables[collection]}
-                               if collection in head_variables else {})}
-               for collection in ('params', 'batch_stats')}
-  return Backbone(EncoderWithHeadLayers(pretrained.encoder, layers), variables,
-                  layers.hidden_dim)
+  if config.head_layers:
+    pretrained = export.with_head_layers(pretrained, config.pretrained, config.head_layers)
+  return Backbone(pretrained.encoder, pretrained.variables, pretrained.encoder.num_features)
 
 
 def _cross_replica(module: nn.Module) -> nn.Module:
   """The backbone with its BatchNorm statistics over the data axis (fine-tuning)."""
-  if isinstance(module, EncoderWithHeadLayers):
+  if isinstance(module, models.EncoderWithHeadLayers):
     return module.clone(encoder=module.encoder.clone(bn_axis_name=AXIS),
                         head=module.head.clone(bn_axis_name=AXIS))
   return module.clone(bn_axis_name=AXIS)

@@ -6,7 +6,8 @@ r"""The pretrained encoder of a training workdir: load it, encode images, export
 ``--format`` is ``flax`` (one msgpack file, read back by :func:`load_flax_encoder`),
 ``torchvision`` (safetensors with torchvision ResNet names) or ``detectron2`` (a
 .pkl for detectron2's checkpointer); ``--step`` picks a checkpoint other than the
-latest. Only the backbone is exported: no projection head, no method state.
+latest. Only the backbone is exported, no method state; ``--head_layers=k`` adds
+the projection head's first k hidden layers (SimCLR v2 fine-tunes from the first).
 
 In Python, :func:`load_pretrained` gives the config, the Flax encoder and its
 variables, and :func:`encode` gives features of images.
@@ -45,6 +46,7 @@ from absl import flags
 from contrastive import command_line
 from contrastive import models
 from contrastive import paths
+from contrastive.models import heads
 from contrastive.models import lab_split
 from contrastive.models import resnet
 
@@ -55,15 +57,17 @@ _FLAX_FORMAT = 'contrastive.flax_encoder'
 class Pretrained(NamedTuple):
   """The encoder of a run, and the config that trained it."""
   config: Any           # ml_collections.ConfigDict with every field of base_config()
-  encoder: resnet.ResNet | lab_split.LabSplitEncoder
+  encoder: Any          # resnet.ResNet, lab_split.LabSplitEncoder or models.EncoderWithHeadLayers
   variables: dict       # {'params', 'batch_stats'} of the encoder, numpy arrays
   step: int
 
 
 # ----------------------------------------------------------------------------- load
 
-def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
-  """The encoder of ``workdir``'s checkpoint at ``step`` (default: the latest).
+def load_pretrained(workdir: str, step: int | None = None, head_layers: int = 0) -> Pretrained:
+  """The encoder of ``workdir``'s checkpoint at ``step`` (default: the latest),
+  with the first ``head_layers`` hidden layers of its projection head on top
+  (:func:`with_head_layers`).
 
   Only the encoder's params and BatchNorm statistics are read, as host numpy
   arrays, so the method state (queues, EMA targets), optimizer state and the
@@ -119,7 +123,80 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
   encoder = build(config.model).clone(bn_axis_name=None)
   variables = {collection: restored[collection]['encoder']
                for collection in ('params', 'batch_stats')}
-  return Pretrained(config=config, encoder=encoder, variables=variables, step=int(step))
+  pretrained = Pretrained(config=config, encoder=encoder, variables=variables, step=int(step))
+  return with_head_layers(pretrained, workdir, head_layers) if head_layers else pretrained
+
+
+def check_head_layers(head_layers: int, head,
+                      method: str = '') -> None:
+  """``config.head_layers`` against the pretraining run's head config (and
+  ``method``), before any of its arrays is read."""
+  if head_layers and method == 'cmc':
+    raise ValueError(f'config.head_layers={head_layers}; a CMC run has one projection '
+                     'head per view (head/l, head/ab), so only config.head_layers=0 '
+                     '(both encoders\' features, concatenated) fits it.')
+  hidden = head.num_layers - 1
+  if head_layers <= hidden:
+    return
+  if not hidden:
+    raise ValueError(f'config.head_layers={head_layers}; the pretraining run\'s '
+                     f'projection head (head.num_layers={head.num_layers}) has no hidden '
+                     'layer: only config.head_layers=0 (the encoder\'s features) fits it.')
+  raise ValueError(f'config.head_layers={head_layers}; the pretraining run\'s '
+                   f'projection head (head.num_layers={head.num_layers}) has {hidden} '
+                   f'hidden layer(s): valid 0 to {hidden}.')
+
+
+def read_head_layers(workdir: str, step: int, num_layers: int) -> dict:
+  """``{'params', 'batch_stats'}`` (the latter only with BN) of the first
+  ``num_layers`` hidden layers of the projection head in ``workdir``'s checkpoint
+  of ``step``, as host numpy arrays: a partial restore, like the encoder's in
+  :func:`load_pretrained`, so the device count of the run and
+  the rest of its state do not matter."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  names = {f'{kind}_{i}' for kind in ('Dense', 'BatchNorm') for i in range(num_layers)}
+  directory = paths.resolve(workdir) / 'checkpoints'
+  manager = ocp.CheckpointManager(
+      directory, item_handlers=ocp.PyTreeCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0))
+  try:
+    saved = manager.item_metadata(step).tree
+    missing = sorted(f'Dense_{i}' for i in range(num_layers)
+                     if f'Dense_{i}' not in saved['params'].get('head', {}))
+    if missing:
+      raise ValueError(f'config.head_layers={num_layers}; the checkpoint of step {step} '
+                       f'in {directory} has no {", ".join(missing)} under params["head"]: '
+                       'its method has no single projection head to keep layers of.')
+    item = {}
+    for collection in ('params', 'batch_stats'):
+      layers = {name: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+                                   layer)
+                for name, layer in saved[collection].get('head', {}).items() if name in names}
+      if layers:
+        item[collection] = {'head': layers}
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+  finally:
+    manager.close()
+  return {collection: tree['head'] for collection, tree in restored.items()}
+
+
+def with_head_layers(pretrained: Pretrained, workdir: str, head_layers: int) -> Pretrained:
+  """``pretrained`` with the first ``head_layers`` hidden layers of its run's
+  projection head on top of the encoder (SimCLR v2 fine-tunes from the first),
+  read from the same checkpoint; variables nest ``encoder`` and ``head``."""
+  check_head_layers(head_layers, pretrained.config.head, pretrained.config.method)
+  head = models.build_model(pretrained.config.model, pretrained.config.head).head
+  layers = heads.hidden_layers(head, head_layers).clone(bn_axis_name=None)
+  head_variables = read_head_layers(workdir, pretrained.step, head_layers)
+  variables = {collection: {'encoder': pretrained.variables[collection],
+                            **({'head': head_variables[collection]}
+                               if collection in head_variables else {})}
+               for collection in ('params', 'batch_stats')}
+  return pretrained._replace(encoder=models.EncoderWithHeadLayers(pretrained.encoder, layers),
+                             variables=variables)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -168,15 +245,22 @@ def _torch_input(config) -> dict:
 
 # ----------------------------------------------------------------------------- flax
 
-def export_flax(workdir: str, out_path: str, step: int | None = None) -> None:
+def export_flax(workdir: str, out_path: str, step: int | None = None,
+                head_layers: int = 0) -> None:
   """One msgpack file: the model description, input normalisation and variables."""
-  pretrained = load_pretrained(workdir, step)
+  pretrained = load_pretrained(workdir, step, head_layers)
   model = pretrained.config.model
+  head = None
+  if head_layers:
+    layers = pretrained.encoder.head
+    head = {'num_layers': layers.num_layers, 'hidden_dim': layers.hidden_dim,
+            'use_bn': layers.use_bn}
   payload = {
       'format': _FLAX_FORMAT,
       'model': {'name': model.name, 'width': model.width, 'stem': model.stem,
                 'bn_momentum': model.bn_momentum,
-                'lab_split': isinstance(pretrained.encoder, lab_split.LabSplitEncoder)},
+                'lab_split': isinstance(pretrained.encoder, lab_split.LabSplitEncoder),
+                'head_layers': head},
       'input': _input_normalization(pretrained.config),
       'step': pretrained.step,
       'variables': pretrained.variables,
@@ -199,6 +283,11 @@ def load_flax_encoder(path: str) -> tuple[resnet.ResNet | lab_split.LabSplitEnco
   kind = lab_split.LabSplitEncoder if model.get('lab_split') else resnet.ResNet
   module = kind(stage_sizes=stage_sizes, block=block, width=model['width'],
                 stem=model['stem'], bn_momentum=model['bn_momentum'])
+  head = model.get('head_layers')
+  if head:
+    module = models.EncoderWithHeadLayers(module, heads.HiddenLayers(
+        num_layers=head['num_layers'], hidden_dim=head['hidden_dim'], use_bn=head['use_bn'],
+        bn_momentum=model['bn_momentum']))
   return module, payload['variables']
 
 
@@ -224,9 +313,20 @@ def torchvision_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
 
   ``num_batches_tracked`` is the training step: the statistics were updated once
   a step. A CMC encoder gives both views' ResNets, under ``l.`` and ``ab.``.
+
+  With head layers (``load_pretrained(..., head_layers=k)``) the dict also holds
+  them under ``head.``, numbered as in::
+
+      net.fc = torch.nn.Sequential(torch.nn.Linear(d, h, bias=False),
+                                   torch.nn.BatchNorm1d(h, eps=1e-5), torch.nn.ReLU())
+
+  one (Linear, BatchNorm1d, ReLU) triple per layer (Linear with bias and ReLU
+  without BN for a head without it); load it with ``fc`` renamed ``head``.
   """
   if isinstance(pretrained.encoder, lab_split.LabSplitEncoder):
     return _each_view(pretrained, torchvision_state_dict)
+  if isinstance(pretrained.encoder, models.EncoderWithHeadLayers):
+    return _with_head(pretrained)
   params = pretrained.variables['params']
   stats = pretrained.variables['batch_stats']
   step = np.asarray(pretrained.step, np.int64)
@@ -269,6 +369,32 @@ def torchvision_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
   return state
 
 
+def _with_head(pretrained: Pretrained) -> dict[str, np.ndarray]:
+  """The encoder's torchvision dict and the head layers as ``head.<i>`` modules."""
+  module = pretrained.encoder
+  state = torchvision_state_dict(pretrained._replace(
+      encoder=module.encoder,
+      variables={collection: tree['encoder']
+                 for collection, tree in pretrained.variables.items()}))
+  params = pretrained.variables['params']['head']
+  stats = pretrained.variables['batch_stats'].get('head', {})
+  per_layer = 3 if module.head.use_bn else 2
+  for i in range(module.head.num_layers):
+    dense = params[f'Dense_{i}']
+    state[f'head.{per_layer * i}.weight'] = np.ascontiguousarray(dense['kernel'].T, np.float32)
+    if 'bias' in dense:
+      state[f'head.{per_layer * i}.bias'] = np.asarray(dense['bias'], np.float32)
+    if module.head.use_bn:
+      norm = f'head.{per_layer * i + 1}'
+      scale_shift, running = params[f'BatchNorm_{i}'], stats[f'BatchNorm_{i}']
+      state.update({f'{norm}.weight': np.asarray(scale_shift['scale'], np.float32),
+                    f'{norm}.bias': np.asarray(scale_shift['bias'], np.float32),
+                    f'{norm}.running_mean': np.asarray(running['mean'], np.float32),
+                    f'{norm}.running_var': np.asarray(running['var'], np.float32),
+                    f'{norm}.num_batches_tracked': np.asarray(pretrained.step, np.int64)})
+  return state
+
+
 def _each_view(pretrained: Pretrained, state_dict) -> dict[str, np.ndarray]:
   """``state_dict`` of each view's ResNet of a CMC encoder, under its view's prefix."""
   names = set(pretrained.variables['params'])
@@ -296,7 +422,8 @@ def _leaf_paths(tree, prefix=()):
   return [path for key, sub in tree.items() for path in _leaf_paths(sub, (*prefix, key))]
 
 
-def export_torchvision(workdir: str, out_path: str, step: int | None = None) -> None:
+def export_torchvision(workdir: str, out_path: str, step: int | None = None,
+                       head_layers: int = 0) -> None:
   """:func:`torchvision_state_dict` as safetensors; metadata: model and input.
 
   Read it with ``safetensors.torch.load_file(out_path)``; the metadata
@@ -304,7 +431,7 @@ def export_torchvision(workdir: str, out_path: str, step: int | None = None) -> 
   ``input`` as JSON strings.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  pretrained = load_pretrained(workdir, step)
+  pretrained = load_pretrained(workdir, step, head_layers)
   paths.resolve(out_path).write_bytes(safetensors.numpy.save(
       torchvision_state_dict(pretrained),
       metadata={'model': json.dumps(pretrained.config.model.to_dict()),
@@ -325,6 +452,10 @@ def detectron2_state_dict(pretrained: Pretrained) -> dict[str, np.ndarray]:
   detectron2 backbone, of 1 and 2 input channels; fed raw Lab, its
   ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` are (50,) / (50,) and (0, 0) / (110, 110).
   """
+  if isinstance(pretrained.encoder, models.EncoderWithHeadLayers):
+    raise ValueError('--head_layers: detectron2 takes the backbone\'s feature maps, '
+                     'not pooled features, so there is no place for head layers; '
+                     'export them in the flax or torchvision format.')
   if pretrained.config.model.stem != 'imagenet':
     raise ValueError(f'model.stem={pretrained.config.model.stem!r}: detectron2 '
                      "builds only the 'imagenet' stem (7x7/2 convolution and "
@@ -364,7 +495,8 @@ class _PortablePickler(pickle.Pickler):
     return NotImplemented
 
 
-def export_detectron2(workdir: str, out_path: str, step: int | None = None) -> None:
+def export_detectron2(workdir: str, out_path: str, step: int | None = None,
+                      head_layers: int = 0) -> None:
   """A .pkl that detectron2's ``DetectionCheckpointer`` loads by exact names.
 
   Config to match it: ``MODEL.WEIGHTS=<out_path>``, ``MODEL.RESNETS.DEPTH`` the
@@ -376,7 +508,7 @@ def export_detectron2(workdir: str, out_path: str, step: int | None = None) -> N
   w != 1 need ``STEM_OUT_CHANNELS`` = ``WIDTH_PER_GROUP`` = int(64 w) and
   ``RES2_OUT_CHANNELS`` = 4 int(64 w).
   """
-  pretrained = load_pretrained(workdir, step)
+  pretrained = load_pretrained(workdir, step, head_layers)
   checkpoint = {'model': detectron2_state_dict(pretrained),
                 '__author__': f'contrastive.export of {paths.resolve(workdir)} '
                               f'step {pretrained.step}',
@@ -394,8 +526,8 @@ EXPORTERS = {'flax': export_flax, 'torchvision': export_torchvision,
 
 def _run(argv):
   values = flags.FLAGS
-  command_line.run(argv, lambda: EXPORTERS[values.format](values.workdir, values.out,
-                                                          values.step))
+  command_line.run(argv, lambda: EXPORTERS[values.format](
+      values.workdir, values.out, values.step, values.head_layers))
   print(f'Wrote {values.out} ({values.format}).')
 
 
@@ -409,6 +541,8 @@ def main():
   flags.DEFINE_enum('format', None, FORMATS, 'What to write.')
   flags.DEFINE_string('out', None, 'Output file.')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+  flags.DEFINE_integer('head_layers', 0, 'Hidden layers of the projection head to '
+                       'export on top of the encoder (SimCLR v2: 1); not detectron2.')
   flags.mark_flags_as_required(['workdir', 'format', 'out'])
   app.run(_run)
 

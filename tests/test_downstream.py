@@ -252,8 +252,34 @@ def test_kept_head_layer_is_the_pretrained_head_first_layer(pretrained_workdir):
   tolerances.assert_close(got, expected)
 
 
+def test_export_with_the_head_layer_gives_the_downstream_backbone(pretrained_workdir, tmp_path):
+  """``--head_layers=1``: the flax file computes the same features as the
+  downstream backbone, and the torchvision dict's ``head.0`` (Linear) and
+  ``head.1`` (BatchNorm1d), applied as torch would, give them from the
+  encoder's features; detectron2 refuses."""
+  backbone = downstream.load_backbone(_config(pretrained_workdir, head_layers=1),
+                                      export.load_pretrained(pretrained_workdir))
+  export.export_flax(pretrained_workdir, str(tmp_path / 'v2.msgpack'), head_layers=1)
+  module, variables = export.load_flax_encoder(str(tmp_path / 'v2.msgpack'))
+  images = np.random.default_rng(1).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+  want = np.asarray(backbone.module.apply(backbone.variables, images, train=False))
+  np.testing.assert_array_equal(module.apply(variables, images, train=False), want)
+
+  pretrained = export.load_pretrained(pretrained_workdir, head_layers=1)
+  state = export.torchvision_state_dict(pretrained)
+  features = np.asarray(pretrained.encoder.encoder.apply(
+      {c: v['encoder'] for c, v in pretrained.variables.items()}, images, train=False))
+  x = features @ state['head.0.weight'].T                      # torch Linear: x W^T
+  x = ((x - state['head.1.running_mean']) / np.sqrt(state['head.1.running_var'] + 1e-5)
+       * state['head.1.weight'] + state['head.1.bias'])
+  tolerances.assert_close(np.maximum(x, 0), want)
+  assert {'conv1.weight', 'bn1.running_var'} <= set(state)      # the backbone is there too
+  with pytest.raises(ValueError, match='--head_layers: detectron2'):
+    export.detectron2_state_dict(pretrained)
+
+
 def _save_pretraining_arrays(workdir, step, head_params):
-  """A checkpoint with only what :func:`downstream.read_head_layers` looks at."""
+  """A checkpoint with only what :func:`contrastive.export.read_head_layers` looks at."""
   manager = ocp.CheckpointManager(str(workdir / 'checkpoints'),
                                   item_handlers=ocp.PyTreeCheckpointHandler())
   manager.save(step, args=ocp.args.PyTreeSave({
@@ -272,7 +298,7 @@ def test_head_layers_read_without_bn_and_refused_without_one_head(tmp_path):
   shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), x, train=False))['params']
   head_params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   _save_pretraining_arrays(tmp_path, 3, head_params)
-  variables = downstream.read_head_layers(str(tmp_path), 3, 2)
+  variables = export.read_head_layers(str(tmp_path), 3, 2)
   assert set(variables) == {'params'}
   assert set(variables['params']) == {'Dense_0', 'Dense_1'}
   y = x
@@ -283,7 +309,7 @@ def test_head_layers_read_without_bn_and_refused_without_one_head(tmp_path):
 
   _save_pretraining_arrays(tmp_path, 4, {'l': head_params, 'ab': head_params})
   with pytest.raises(ValueError, match=r'config\.head_layers=1; .* no Dense_0 under'):
-    downstream.read_head_layers(str(tmp_path), 4, 1)
+    export.read_head_layers(str(tmp_path), 4, 1)
 
 
 def test_linear_from_head_layer_freezes_it_and_trains_the_classifier(pretrained_workdir,
@@ -337,10 +363,10 @@ def test_head_layers_beyond_the_runs_head_name_the_field(pretrained_workdir, tmp
     downstream.train_and_evaluate(_config(pretrained_workdir, head_layers=2), str(tmp_path))
   with pytest.raises(ValueError, match=r'config\.head_layers=1; .*\(head\.num_layers=1\) has '
                                        'no hidden layer'):
-    downstream.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 1}))
+    export.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 1}))
   with pytest.raises(ValueError, match=r'config\.head_layers=1; a CMC run has one projection '
                                        r'head per view'):
-    downstream.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 3}), 'cmc')
+    export.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 3}), 'cmc')
   for value in (3, -1):
     with pytest.raises(ValueError, match=rf'config\.head_layers={value}; valid: 0, 1, 2'):
       config_lib.validate_downstream(_config(pretrained_workdir, head_layers=value))

@@ -157,7 +157,7 @@ def test_indivisible_batch_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize('field, value, valid', [
     ('model.name', 'resnet19', 'resnet18'),
-    ('method', 'byol', 'simclr'),
+    ('method', 'swav', 'simclr'),
     ('data.source', 'hub', 'folder'),
     ('optim.name', 'lamb', 'lars'),
     ('model.stem', 'patch', 'cifar'),

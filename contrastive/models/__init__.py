@@ -3,7 +3,7 @@
 import flax.linen as nn
 import ml_collections
 
-from contrastive.models.heads import ProjectionHead
+from contrastive.models.heads import HiddenLayers, ProjectionHead
 from contrastive.models.resnet import ARCHITECTURES, ResNet
 
 BN_MODES = ('global', 'local')
@@ -17,6 +17,20 @@ class EncoderWithHead(nn.Module):
   def __call__(self, images, train: bool):
     features = self.encoder(images, train=train)
     return features, self.head(features, train=train)
+
+
+class EncoderWithHeadLayers(nn.Module):
+  """The encoder, then the first hidden layers of its pretrained projection head;
+  variables named as in the pretraining checkpoint (``encoder``, ``head``)."""
+  encoder: nn.Module
+  head: HiddenLayers
+
+  @property
+  def num_features(self) -> int:
+    return self.head.hidden_dim
+
+  def __call__(self, images, train: bool):
+    return self.head(self.encoder(images, train=train), train=train)
 
 
 class EncoderWithPredictor(nn.Module):
