@@ -23,6 +23,31 @@ jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='jax-cach
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
+# The longest tests, started first so that the two workers of ``-n 2`` do not
+# wait on one of them at the end (a test left out here only runs later).
+_LONGEST_FIRST = (
+    'tests/test_trainer.py::test_two_processes_match_one_process',
+    'tests/test_robustness.py::test_sigterm_saves_the_step_in_flight',
+    'tests/test_cmc.py::test_a_killed_run_resumes',
+    'tests/test_byol_moco_v3.py::test_killed_run_resumes',
+    'tests/test_train_step.py::test_online_probe_and_local_bn',
+    'tests/test_custom_method.py::test_a_method_defined_here_trains',
+    'tests/test_simclr_v2.py::test_resumed_run_with_the_queue',
+    'tests/test_trainer.py::test_resumed_run_reproduces_uninterrupted_run',
+    'tests/test_trainer.py::test_image_folder_run_trains_and_evaluates',
+    'tests/test_trainer.py::test_streamed_run_resumed_mid_epoch',
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    for position, prefix in enumerate(_LONGEST_FIRST):
+      if item.nodeid.startswith(prefix):
+        return position
+    return len(_LONGEST_FIRST)
+  items.sort(key=rank)     # stable: the rest keep their order
+
+
 def tiny_config():
   """The quickstart recipe shrunk to a few seconds a run."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top
