@@ -11,6 +11,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from contrastive import config as config_lib
+from contrastive import downstream
+from contrastive import export
 from contrastive import losses
 from contrastive import metrics
 from contrastive import train
@@ -163,3 +166,18 @@ def test_killed_run_resumes_to_the_same_losses_and_target(config, tmp_path, monk
   target = states[0]['method_state']['target']['params']['head']['Dense_0']['kernel']
   online = states[0]['params']['head']['Dense_0']['kernel']
   assert not np.allclose(target, online)
+  # What downstream and every export read is the online encoder.
+  straight = str(tmp_path / 'straight')
+  export.export_flax(straight, str(tmp_path / 'byol.msgpack'))
+  _, variables = export.load_flax_encoder(str(tmp_path / 'byol.msgpack'))
+  jax.tree.map(np.testing.assert_array_equal, variables['params'],
+               states[0]['params']['encoder'])
+  pretrained = export.load_pretrained(straight)
+  state_dict = export.torchvision_state_dict(pretrained)
+  np.testing.assert_array_equal(
+      state_dict['conv1.weight'],
+      np.transpose(states[0]['params']['encoder']['stem_conv']['kernel'], (3, 2, 0, 1)))
+  downstream_config = config_lib.downstream_config()
+  downstream_config.pretrained = straight
+  backbone = downstream.load_backbone(downstream_config, pretrained)
+  assert backbone.num_features == pretrained.encoder.num_features
