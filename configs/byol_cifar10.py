@@ -21,15 +21,6 @@ from contrastive.config import base_config
 from contrastive.data import augment
 
 
-def byol_augment_config(blur_prob: float, solarize_prob: float):
-  """BYOL's colour augmentation: jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8,
-  grayscale 0.2, then blur and solarize with the view's probabilities."""
-  aug = augment.simclr_augment_config(blur_prob=blur_prob)
-  aug.brightness, aug.contrast, aug.saturation, aug.hue = 0.4, 0.4, 0.2, 0.1
-  aug.solarize_prob = solarize_prob
-  return aug
-
-
 def get_config(arg=None):
   del arg
   config = base_config()
@@ -56,8 +47,8 @@ def get_config(arg=None):
   config.data.image_size = 32
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
-  config.aug = byol_augment_config(blur_prob=0.0, solarize_prob=0.0)
-  config.aug2 = byol_augment_config(blur_prob=0.0, solarize_prob=0.2)
+  config.aug = augment.byol_augment_config(blur_prob=0.0, solarize_prob=0.0)
+  config.aug2 = augment.byol_augment_config(blur_prob=0.0, solarize_prob=0.2)
   for aug in (config.aug, config.aug2):
     aug.mean, aug.std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
 

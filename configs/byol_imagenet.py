@@ -12,7 +12,6 @@ where the paper uses lr 0.3 and weight decay 1e-6). imagenet2012 must be
 prepared with TFDS beforehand (manual download).
 """
 
-from configs import byol_cifar10
 from contrastive.config import base_config
 from contrastive.data import augment
 
@@ -47,8 +46,8 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.eval_crop_fraction = 0.875
   config.data.in_memory = False
-  config.aug = byol_cifar10.byol_augment_config(blur_prob=1.0, solarize_prob=0.0)
-  config.aug2 = byol_cifar10.byol_augment_config(blur_prob=0.1, solarize_prob=0.2)
+  config.aug = augment.byol_augment_config(blur_prob=1.0, solarize_prob=0.0)
+  config.aug2 = augment.byol_augment_config(blur_prob=0.1, solarize_prob=0.2)
   for aug in (config.aug, config.aug2):
     aug.mean, aug.std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
 

@@ -76,6 +76,16 @@ def moco_augment_config(version: int) -> ml_collections.ConfigDict:
   return aug
 
 
+def byol_augment_config(blur_prob: float, solarize_prob: float) -> ml_collections.ConfigDict:
+  """One view of BYOL's augmentation (also MoCo v3's): crop area (0.08, 1), colour
+  jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8, grayscale 0.2, then blur and
+  solarize with the view's probabilities (the paper: 1.0 / 0.1 and 0 / 0.2)."""
+  aug = simclr_augment_config(blur_prob=blur_prob)
+  aug.brightness, aug.contrast, aug.saturation, aug.hue = 0.4, 0.4, 0.2, 0.1
+  aug.solarize_prob = solarize_prob
+  return aug
+
+
 # ------------------------------------------------------------------ geometry
 
 
