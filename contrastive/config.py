@@ -84,6 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.stem = 'imagenet'           # 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1)
   config.model.bn = 'global'               # 'global': cross-replica statistics; 'local'
   config.model.bn_momentum = 0.9
+  # Compute dtype of convolutions and dense layers: 'bfloat16', 'float32', or
+  # 'auto' (bfloat16 on GPU and TPU, float32 on CPU). Parameters, optimizer state,
+  # BN statistics and the loss are float32 in every case.
+  config.model.precision = 'auto'
+  # ResNet stages (1-4) whose activations are recomputed in the backward pass
+  # instead of kept: less memory, about a third more compute for those stages.
+  config.model.remat_stages = ()
 
   config.head = ml_collections.ConfigDict()
   config.head.num_layers = 2               # 1 linear, 2 SimCLR v1, 3 SimCLR v2
@@ -370,10 +377,11 @@ def pretraining_problems(config) -> list[str]:
   problems = _fields(config, _RUN_FIELDS + _PRETRAINING_FIELDS + (
       ('model.name', tuple(resnet.ARCHITECTURES)), ('model.width', '> 0'),
       ('model.stem', resnet.STEMS), ('model.bn', models.BN_MODES),
-      ('model.bn_momentum', 'in [0, 1)'),
+      ('model.bn_momentum', 'in [0, 1)'), ('model.precision', models.PRECISIONS),
       ('head.num_layers', HEAD_LAYERS), ('head.hidden_dim', '>= 0'),
       ('head.out_dim', '>= 1'), ('head.use_bn', (True, False)),
       ('head.output_bn', (True, False))))
+  problems += _remat_problems(config.model)
   evaluation = ''
   if config.eval.enabled:
     evaluation = 'config.eval.enabled=True'
@@ -386,6 +394,15 @@ def pretraining_problems(config) -> list[str]:
       ('eval.batch_size', '> 0'), ('eval.knn_k', '>= 1'),
       ('eval.knn_temperature', '> 0'), ('eval.knn_every_epochs', '>= 0')))
   return problems
+
+
+def _remat_problems(model) -> list[str]:
+  stages = model.remat_stages
+  if not (isinstance(stages, (tuple, list)) and all(_one_of(s, (1, 2, 3, 4)) for s in stages)
+          and len(set(stages)) == len(stages)):
+    return [f'{_show("model.remat_stages", stages)}; must be distinct ResNet stage '
+            'numbers from 1 to 4, e.g. (2, 3), or () for none']
+  return []
 
 
 def predictor_problems(config) -> list[str]:

@@ -1,12 +1,15 @@
 """Encoders and projection heads, built from the ``model`` and ``head`` configs."""
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from contrastive.models.heads import HiddenLayers, ProjectionHead
 from contrastive.models.resnet import ARCHITECTURES, ResNet
 
 BN_MODES = ('global', 'local')
+PRECISIONS = ('auto', 'float32', 'bfloat16')
 
 
 class EncoderWithHead(nn.Module):
@@ -64,6 +67,18 @@ def bn_axis_name(model: ml_collections.ConfigDict, axis_name: str) -> str | None
   return axis_name if model.bn == 'global' else None
 
 
+def compute_dtype(model: ml_collections.ConfigDict):
+  """``model.precision``: 'bfloat16' or 'float32' compute; 'auto' is bfloat16 on
+  GPU and TPU, float32 on CPU (where bfloat16 convolutions are emulated, slower).
+  A pretraining record written before the field existed means float32."""
+  precision = model.get('precision', 'float32')
+  if precision not in PRECISIONS:
+    raise ValueError(f'model.precision={precision!r}; valid: {", ".join(PRECISIONS)}')
+  if precision == 'auto':
+    precision = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return jnp.dtype(precision)
+
+
 def build_encoder(model: ml_collections.ConfigDict, axis_name: str = 'data') -> ResNet:
   if model.name not in ARCHITECTURES:
     raise ValueError(
@@ -71,7 +86,8 @@ def build_encoder(model: ml_collections.ConfigDict, axis_name: str = 'data') -> 
   stage_sizes, block = ARCHITECTURES[model.name]
   return ResNet(stage_sizes=stage_sizes, block=block, width=model.width,
                 stem=model.stem, bn_axis_name=bn_axis_name(model, axis_name),
-                bn_momentum=model.bn_momentum)
+                bn_momentum=model.bn_momentum, dtype=compute_dtype(model),
+                remat_stages=tuple(model.get('remat_stages', ())))
 
 
 def build_model(model: ml_collections.ConfigDict, head: ml_collections.ConfigDict,
@@ -81,7 +97,8 @@ def build_model(model: ml_collections.ConfigDict, head: ml_collections.ConfigDic
       num_layers=head.num_layers,
       hidden_dim=head.hidden_dim or encoder.num_features,
       out_dim=head.out_dim, use_bn=head.use_bn, output_bn=head.output_bn,
-      bn_axis_name=bn_axis_name(model, axis_name), bn_momentum=model.bn_momentum)
+      bn_axis_name=bn_axis_name(model, axis_name), bn_momentum=model.bn_momentum,
+      dtype=encoder.dtype)
   return EncoderWithHead(encoder, projection)
 
 
@@ -94,7 +111,8 @@ def build_model_with_predictor(model: ml_collections.ConfigDict,
   prediction = ProjectionHead(
       num_layers=predictor.num_layers, hidden_dim=predictor.hidden_dim,
       out_dim=head.out_dim, use_bn=True, output_bn=predictor.output_bn,
-      bn_axis_name=bn_axis_name(model, axis_name), bn_momentum=model.bn_momentum)
+      bn_axis_name=bn_axis_name(model, axis_name), bn_momentum=model.bn_momentum,
+      dtype=network.encoder.dtype)
   return EncoderWithPredictor(network.encoder, network.head, prediction)
 
 

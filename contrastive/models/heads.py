@@ -1,6 +1,14 @@
-"""Projection heads: linear (1 layer), SimCLR v1 MLP (2) and SimCLR v2 MLP (3)."""
+"""Projection heads: linear (1 layer), SimCLR v1 MLP (2) and SimCLR v2 MLP (3).
+
+``dtype`` is the compute dtype of the dense layers (see ``resnet``'s mixed
+precision); every head returns float32, because the losses' normalisation, logits
+and softmax must not run in bfloat16 (at T = 0.07 the positives would be lost).
+"""
+
+from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 
 class ProjectionHead(nn.Module):
@@ -18,6 +26,7 @@ class ProjectionHead(nn.Module):
   output_bn: bool = True
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -27,18 +36,18 @@ class ProjectionHead(nn.Module):
     def norm(**kwargs):
       return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                           epsilon=1e-5, axis_name=self.bn_axis_name if train else None,
-                          **kwargs)
+                          dtype=self.dtype, **kwargs)
 
     for _ in range(self.num_layers - 1):
-      x = nn.Dense(self.hidden_dim, use_bias=not self.use_bn)(x)
+      x = nn.Dense(self.hidden_dim, use_bias=not self.use_bn, dtype=self.dtype)(x)
       if self.use_bn:
         x = norm()(x)
       x = nn.relu(x)
     last_bn = self.use_bn and self.output_bn
-    x = nn.Dense(self.out_dim, use_bias=not last_bn)(x)
+    x = nn.Dense(self.out_dim, use_bias=not last_bn, dtype=self.dtype)(x)
     if last_bn:
       x = norm(use_bias=False)(x)
-    return x
+    return x.astype(jnp.float32)
 
 
 class HiddenLayers(nn.Module):
@@ -50,20 +59,22 @@ class HiddenLayers(nn.Module):
   use_bn: bool = True
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     for _ in range(self.num_layers):
-      x = nn.Dense(self.hidden_dim, use_bias=not self.use_bn)(x)
+      x = nn.Dense(self.hidden_dim, use_bias=not self.use_bn, dtype=self.dtype)(x)
       if self.use_bn:
         x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                         epsilon=1e-5, axis_name=self.bn_axis_name if train else None)(x)
+                         epsilon=1e-5, axis_name=self.bn_axis_name if train else None,
+                         dtype=self.dtype)(x)
       x = nn.relu(x)
-    return x
+    return x.astype(jnp.float32)
 
 
 def hidden_layers(head: ProjectionHead, num_layers: int) -> HiddenLayers:
   """The first ``num_layers`` (1 to ``head.num_layers - 1``) hidden layers of ``head``."""
   return HiddenLayers(num_layers=num_layers, hidden_dim=head.hidden_dim,
                       use_bn=head.use_bn, bn_axis_name=head.bn_axis_name,
-                      bn_momentum=head.bn_momentum)
+                      bn_momentum=head.bn_momentum, dtype=head.dtype)

@@ -14,7 +14,7 @@ concatenated, L's first. It has the fields of a
 encoder (export, downstream evaluation) treats it as one.
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -45,12 +45,15 @@ class LabSplitEncoder(nn.Module):
   stem: str = 'imagenet'
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+  remat_stages: Sequence[int] = ()
 
   def view_encoder(self) -> ResNet:
     """Each view's ResNet, unbound (its input channels come from its input)."""
     return ResNet(stage_sizes=self.stage_sizes, block=self.block, width=self.width / 2,
                   stem=self.stem, bn_axis_name=self.bn_axis_name,
-                  bn_momentum=self.bn_momentum, parent=None)
+                  bn_momentum=self.bn_momentum, dtype=self.dtype,
+                  remat_stages=self.remat_stages, parent=None)
 
   @property
   def num_features(self) -> int:
@@ -83,7 +86,8 @@ def build_encoder(model: ml_collections.ConfigDict, axis_name: str = 'data') -> 
   resnet = models.build_encoder(model, axis_name)
   return LabSplitEncoder(stage_sizes=resnet.stage_sizes, block=resnet.block,
                          width=resnet.width, stem=resnet.stem,
-                         bn_axis_name=resnet.bn_axis_name, bn_momentum=resnet.bn_momentum)
+                         bn_axis_name=resnet.bn_axis_name, bn_momentum=resnet.bn_momentum,
+                         dtype=resnet.dtype, remat_stages=resnet.remat_stages)
 
 
 def build_model(model: ml_collections.ConfigDict, head: ml_collections.ConfigDict,
