@@ -393,23 +393,28 @@ def eval_splits(config, layout: loop.Layout, train_block=None) -> dict:
   return splits
 
 
-def split_features(state, encode_step, config, splits) -> dict:
-  """(features, labels) of the whole 'train' and 'eval' splits, on every process."""
+def split_features(state, encode_step, config, splits, sharded=()) -> dict:
+  """(features, labels) of the whole 'train' and 'eval' splits: host numpy on every
+  process, or for the splits in ``sharded``, global arrays split along the data
+  axis (label -1 on padding), never gathered to one device or host."""
   layout = splits['layout']
   image_shape = (config.data.image_size,) * 2 + (3,)
-  return {split: features_lib.extract_features(
+  return {split: (features_lib.sharded_features if split in sharded else
+                  features_lib.extract_features)(
       encode_step, state,
       eval_data.batches(config.data, splits[split], layout.eval_local_batch),
       layout.mesh, layout.eval_local_batch, image_shape) for split in ('train', 'eval')}
 
 
 def monitor(state, encode_step, probe, config, splits) -> dict:
-  """Figures during training: kNN top-1 and the online probe's top-1 on 'eval'."""
-  features = split_features(state, encode_step, config, splits)
+  """Figures during training: kNN top-1 and the online probe's top-1 on 'eval'. The
+  training bank stays split over the devices: at ImageNet scale no host or device
+  could hold it at every monitor."""
+  features = split_features(state, encode_step, config, splits, sharded=('train',))
   (train_x, train_y), (eval_x, eval_y) = features['train'], features['eval']
   figures = {'monitor/knn_accuracy': knn.knn_accuracy(
       train_x, train_y, eval_x, eval_y, splits['train'].num_classes,
-      k=config.eval.knn_k, temperature=config.eval.knn_temperature)}
+      splits['layout'].mesh, k=config.eval.knn_k, temperature=config.eval.knn_temperature)}
   if probe is not None:
     figures['monitor/online_probe_accuracy'] = online_probe.accuracy(
         probe, parallel.host_copy(state.probe['params']), eval_x, eval_y)
@@ -418,7 +423,9 @@ def monitor(state, encode_step, probe, config, splits) -> dict:
 
 def evaluate(encoders: dict, encode_step, config, splits, probe=None) -> dict:
   """kNN and offline linear-probe top-1 on the eval split for each encoder state,
-  and the online probe's top-1 for the 'trained' one (the only one it trained on)."""
+  and the online probe's top-1 for the 'trained' one (the only one it trained on).
+  The linear probe trains on host features, so the training features are gathered
+  to every host here (and split over the devices again for the kNN)."""
   num_classes = splits['train'].num_classes
   results = {}
   for name, state in encoders.items():
@@ -429,8 +436,8 @@ def evaluate(encoders: dict, encode_step, config, splits, probe=None) -> dict:
         learning_rate=config.eval.probe_learning_rate, seed=config.seed)
     results[name] = {
         'knn_accuracy': knn.knn_accuracy(
-            train_x, train_y, eval_x, eval_y, num_classes, k=config.eval.knn_k,
-            temperature=config.eval.knn_temperature),
+            train_x, train_y, eval_x, eval_y, num_classes, splits['layout'].mesh,
+            k=config.eval.knn_k, temperature=config.eval.knn_temperature),
         'linear_probe_accuracy': linear_probe.probe_accuracy(offline, eval_x, eval_y),
     }
     if probe is not None and name == 'trained':
