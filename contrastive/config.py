@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.image_size = 224
   config.data.eval_crop_fraction = 0.875   # 256 -> 224 centre crop; 1.0 = none
   config.data.in_memory = False            # True: whole split in host RAM, crops on device
+  # Batches assembled on the host and sent to the devices ahead of the step that
+  # takes them (a background thread); 0: each one when the step asks for it.
+  config.data.prefetch = 2
 
   config.aug = augment.simclr_augment_config(strength=1.0, blur_prob=0.5)
   # The second view's augmentation, for methods whose two views differ (BYOL,
@@ -250,7 +253,7 @@ _RUN_FIELDS = (('global_batch_size', '> 0'), ('num_epochs', '>= 0'),
                ('keep_checkpoints', '>= 1'))
 _PRETRAINING_FIELDS = (('skip_nonfinite_steps', '>= 0'),)
 _DATA_FIELDS = (('image_size', '>= 1'), ('eval_crop_fraction', 'in (0, 1]'),
-                ('holdout_per_class', '>= 0'))
+                ('holdout_per_class', '>= 0'), ('prefetch', '>= 0'))
 
 
 def _show(path: str, value) -> str:

@@ -348,7 +348,8 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> d
       layout.mesh, start_step=start_step, num_steps=num_steps,
       steps_per_epoch=steps_per_epoch, global_batch=config.global_batch_size,
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
-      preemption=preemption, console=(('train top-1', 'train_accuracy', '.3f'), ('lr', 'learning_rate', '.4g')))
+      preemption=preemption, prefetch=data.get('prefetch', 2),
+      console=(('train top-1', 'train_accuracy', '.3f'), ('lr', 'learning_rate', '.4g')))
 
   # --- evaluation
   eval_step = parallel.per_replica(

@@ -7,8 +7,11 @@ on a signal). The workdir is :mod:`contrastive.workdir`'s. ``train.py`` and
 ``downstream.py`` say only what they train and how they evaluate it.
 """
 
+import collections
+import queue
 import signal
 import threading
+import time
 from typing import Callable, Iterator, NamedTuple
 
 import jax
@@ -156,15 +159,89 @@ class DivergenceGuard:
           f'row, at most {self._limit}).')
 
 
+class DeviceBatches:
+  """This process's host batches as global device arrays, ``size`` batches ahead.
+
+  A background thread assembles each host batch (slicing in memory, or the
+  tf.data stage) and starts its transfer to the devices while the steps before
+  it run, so the step never waits for the host unless the host is slower than
+  the devices. Yields ``(global batch, position)``: a streamed batch's stream
+  position after its last example (None in memory), kept for the checkpoint and
+  never sent to the devices. ``size=0`` assembles and transfers each batch when
+  it is asked for, in the caller's thread. An exception in the thread (a broken
+  source, an interrupt) is raised by the ``next`` that reaches it, after the
+  batches read before it.
+  """
+
+  _DONE = object()
+
+  def __init__(self, batches: Iterator[dict], mesh, size: int = 2):
+    self._batches, self._mesh, self._size = batches, mesh, size
+    self._stop = threading.Event()
+    if size > 0:
+      self._queue = queue.Queue(maxsize=size)
+      self._thread = threading.Thread(target=self._produce, daemon=True,
+                                      name='device-batches')
+      self._thread.start()
+
+  def _to_device(self, batch: dict):
+    position = None
+    if 'position' in batch:
+      batch = dict(batch)
+      position = int(batch.pop('position')[-1]) + 1
+    return parallel.host_to_global(batch, self._mesh), position
+
+  def _produce(self):
+    try:
+      for batch in self._batches:
+        item = self._to_device(batch)
+        while not self._put(item):
+          if self._stop.is_set():
+            return
+      item = self._DONE
+    except BaseException as error:  # pylint: disable=broad-except
+      item = error        # KeyboardInterrupt too: the loop raises it, in order
+    while not self._put(item) and not self._stop.is_set():
+      pass
+
+  def _put(self, item) -> bool:
+    try:
+      self._queue.put(item, timeout=0.1)
+      return True
+    except queue.Full:
+      return False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._size == 0:
+      return self._to_device(next(self._batches))
+    item = self._queue.get()
+    if item is self._DONE:
+      self._queue.put(item)
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    """Stops the thread (a run that ends before its input does)."""
+    self._stop.set()
+    if self._size > 0:
+      self._thread.join()
+
+
 def train(workdir, state, train_step, batches: Iterator[dict], mesh, *,
           start_step: int, num_steps: int, steps_per_epoch: float, global_batch: int,
           log_every: int, checkpoint_every: int, preemption: Preemption,
           skip_nonfinite: int = 0, console=metrics_lib.CONSOLE,
           monitor: Callable[[int, object], dict] | None = None,
-          epoch_start: Callable[[object], object] | None = None):
+          epoch_start: Callable[[object], object] | None = None, prefetch: int = 2):
   """Runs ``train_step(state, batch) -> (state, scalars)`` up to ``num_steps``.
 
-  ``batches`` yields this process's host batches from ``start_step`` on; a
+  ``batches`` yields this process's host batches from ``start_step`` on; they
+  reach the devices through :class:`DeviceBatches`, ``prefetch`` ahead, and a
   streamed batch's ``position`` (each example's place in the process's input
   stream) is kept for the checkpoint, not sent to the devices.
   ``epoch_start(state) -> state`` runs before the first step of every epoch
@@ -174,34 +251,53 @@ def train(workdir, state, train_step, batches: Iterator[dict], mesh, *,
   record, and the state is checkpointed every ``checkpoint_every`` steps, at the
   end, and when ``preemption`` says a signal asked the run to stop (then
   :class:`Preempted` is raised). Returns the final state.
+
+  Steps are dispatched without waiting for them: the loop reads no result of a
+  step except at log, checkpoint and monitor steps. It waits only for the step
+  ``prefetch + 1`` back to finish, which the devices reached long ago unless the
+  host runs ahead, so that dispatched steps and their input batches do not pile
+  up in device memory.
   """
   log = metrics_lib.StepLogger(workdir.writer, start_step, num_steps, global_batch,
                                steps_per_epoch, log_every, console=console)
   guard = DivergenceGuard(workdir.checkpoints, skip_nonfinite)
+  device_batches = DeviceBatches(batches, mesh, prefetch)
+  in_flight = collections.deque()     # the losses of the steps not yet waited for
   position = None
-  for step, batch in zip(range(start_step, num_steps), batches):
-    if 'position' in batch:
-      batch = dict(batch)
-      position = int(batch.pop('position')[-1]) + 1
-    if epoch_start is not None and step % steps_per_epoch == 0:
-      state = epoch_start(state)
-    state, scalars = train_step(state, parallel.host_to_global(batch, mesh))
-    done = step + 1
-    guard.add(done, scalars)
-    stop = preemption.reached(done)
-    save = done % checkpoint_every == 0 or done == num_steps or stop
-    if save or done % log_every == 0:
-      guard.check(workdir.latest_step())
-    log.after_step(done, scalars)
-    figures = monitor(done, state) if monitor is not None else {}
-    if figures:
-      workdir.writer.write(done, figures)
-      say(f'step {done}  ' + '  '.join(f'{name} {100 * value:.2f}%'
-                                       for name, value in figures.items()))
-    if save:
-      checkpoint.save(workdir.manager, state, run_record(mesh, position))
-    if stop:
-      raise Preempted(done, workdir.checkpoints)
+  try:
+    for step in range(start_step, num_steps):
+      asked = time.perf_counter()
+      try:
+        batch, batch_position = next(device_batches)
+      except StopIteration:
+        break
+      input_seconds = time.perf_counter() - asked
+      if batch_position is not None:
+        position = batch_position
+      if epoch_start is not None and step % steps_per_epoch == 0:
+        state = epoch_start(state)
+      state, scalars = train_step(state, batch)
+      in_flight.append(scalars['loss'])
+      if len(in_flight) > prefetch + 1:
+        in_flight.popleft().block_until_ready()
+      done = step + 1
+      guard.add(done, scalars)
+      stop = preemption.reached(done)
+      save = done % checkpoint_every == 0 or done == num_steps or stop
+      if save or done % log_every == 0:
+        guard.check(workdir.latest_step())
+      log.after_step(done, scalars, input_seconds)
+      figures = monitor(done, state) if monitor is not None else {}
+      if figures:
+        workdir.writer.write(done, figures)
+        say(f'step {done}  ' + '  '.join(f'{name} {100 * value:.2f}%'
+                                         for name, value in figures.items()))
+      if save:
+        checkpoint.save(workdir.manager, state, run_record(mesh, position))
+      if stop:
+        raise Preempted(done, workdir.checkpoints)
+  finally:
+    device_batches.close()
   return state
 
 

@@ -125,21 +125,30 @@ class StepLogger:
     self._progress = Progress(start_step, total_steps, global_batch)
     self._steps_per_epoch, self._log_every = steps_per_epoch, log_every
     self._console = console
+    self._input_seconds = 0.0
 
-  def after_step(self, done: int, scalars: dict) -> None:
+  def after_step(self, done: int, scalars: dict, input_seconds: float = 0.0) -> None:
+    """``input_seconds``: how long the loop waited for this step's batch."""
+    self._input_seconds += input_seconds
     if done == self._start + 1:
       jax.block_until_ready(scalars)
       seconds = self._progress.report(done)['interval_seconds']
       say(f'First step (compilation included) took {seconds:.1f} s.')
+      self._input_seconds = 0.0
     if done % self._log_every and done != self._total:
       return
-    scalars = {**jax.device_get(scalars), **self._progress.report(done),
+    progress = self._progress.report(done)
+    # The share of the interval the loop spent waiting for input, not dispatching
+    # steps: near 0 when the input stage keeps up with the devices.
+    waiting = self._input_seconds / max(progress['interval_seconds'], 1e-9)
+    self._input_seconds = 0.0
+    scalars = {**jax.device_get(scalars), **progress, 'input_wait_fraction': waiting,
                'epoch': done / self._steps_per_epoch}
     self._writer.write(done, scalars)
     fields = ''.join(f'  {label} {scalars[key]:{fmt}}' for label, key, fmt in self._console)
     say(f'step {done}/{self._total}  epoch {scalars["epoch"]:.2f}  '
         f'loss {scalars["loss"]:.4f}{fields}  {scalars["images_per_second"]:.0f} img/s  '
-        f'ETA {format_duration(scalars["eta_seconds"])}')
+        f'input wait {100 * waiting:.0f}%  ETA {format_duration(scalars["eta_seconds"])}')
 
 
 def format_duration(seconds: float) -> str:

@@ -318,8 +318,8 @@ def _train(config, method: Method, run_dir: workdir_lib.Workdir,
                      log_every=config.log_every_steps,
                      checkpoint_every=config.checkpoint_every_steps,
                      preemption=preemption, skip_nonfinite=config.skip_nonfinite_steps,
-                     monitor=monitor_at,
-                     epoch_start=epoch_step)
+                     monitor=monitor_at, epoch_start=epoch_step,
+                     prefetch=config.data.prefetch)
 
   # --- evaluation
   if not config.eval.enabled:

@@ -294,9 +294,13 @@ def test_sigterm_saves_the_step_in_flight_and_another_device_count_continues(
     return real_batch(self, step)
 
   monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', batch_and_signal)
+  # Without prefetch, so that the batch is drawn when its step asks for it (with
+  # it, batches are drawn ahead in a thread: the real command below has it).
+  config.data.prefetch = 0
   with pytest.raises(loop.Preempted, match='at step 3'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   monkeypatch.setattr(in_memory.InMemoryTrainData, 'batch', real_batch)
+  config.data.prefetch = 2
   assert os.listdir(tmp_path / 'run' / 'checkpoints') == ['3']
 
   # 2. 4 devices, a real command: SIGTERM before its first step (still compiling).
