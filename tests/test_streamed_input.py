@@ -1,8 +1,11 @@
-"""The streamed training input resumes exactly, names unreadable files once, and
-image folders list each real folder and file once whatever their symlinks."""
+"""The streamed training input resumes exactly, names unreadable files once, decodes
+JPEG crop windows to the pixels of the whole image, and image folders list each real
+folder and file once whatever their symlinks."""
 
+import io
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +13,8 @@ from PIL import Image
 from contrastive.data import folder
 from contrastive.data import pipeline
 from contrastive.data import sources
+from contrastive.methods import View
+from tests.test_data import make_aug
 from tests.test_data import make_data
 from tests.test_data import two_views
 
@@ -212,3 +217,99 @@ def test_tfds_stream_resumes_exactly(tfds_data):
   _check_resumes(tfds_data, batches, resume_after=(1, 2, 5), **kwargs)
   far = _batches(tfds_data, 1, start_position=9 * 10**12 + 2, **kwargs)[0]
   np.testing.assert_array_equal(far['position'], 9 * 10**12 + 2 + np.arange(4))
+
+
+def _jpeg_bytes(pixels, **save_options):
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, 'JPEG', quality=90, **save_options)
+  return buffer.getvalue()
+
+
+# Odd and even sizes, against libjpeg's 8 and 16 pixel blocks, from 1 pixel up.
+_JPEG_SIZES = ((1, 1), (7, 9), (16, 16), (17, 31), (33, 65), (101, 77))
+
+
+def _jpeg_variants(pixels):
+  """The ways a JPEG's colour may be stored: chroma 4:4:4, 4:2:2 and 4:2:0 (the sides'
+  upsampling is what a bare cropped decode gets wrong), progressive, grey and CMYK."""
+  image = Image.fromarray(pixels)
+  grey, cmyk = io.BytesIO(), io.BytesIO()
+  image.convert('L').save(grey, 'JPEG', quality=90)
+  image.convert('CMYK').save(cmyk, 'JPEG', quality=90)
+  return {'4:4:4': _jpeg_bytes(pixels, subsampling=0),
+          '4:2:2': _jpeg_bytes(pixels, subsampling=1),
+          '4:2:0': _jpeg_bytes(pixels, subsampling=2),
+          'progressive 4:2:0': _jpeg_bytes(pixels, subsampling=2, progressive=True),
+          'grey': grey.getvalue(), 'cmyk': cmyk.getvalue()}
+
+
+def test_jpeg_windows_hold_the_pixels_of_the_full_decode():
+  """Noise, the hardest case for chroma upsampling; every box, the whole image too."""
+  tf = sources.import_tensorflow()
+  rng = np.random.default_rng(3)
+  for height, width in _JPEG_SIZES:
+    for kind, encoded in _jpeg_variants(rng.integers(0, 256, (height, width, 3),
+                                                     dtype=np.uint8)).items():
+      full = pipeline._decode(tf, encoded).numpy()
+      boxes = [(0, 0, height, width)]
+      for _ in range(12):
+        h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+        boxes.append((rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w))
+      for top, left, h, w in boxes:
+        window = pipeline._decode_jpeg_window(tf, encoded, width, *(tf.constant(v, tf.int32)
+                                                                    for v in (top, left, h, w)))
+        np.testing.assert_array_equal(window.numpy(), full[top:top + h, left:left + w],
+                                      err_msg=f'{height}x{width} {kind} {top, left, h, w}')
+
+
+@pytest.fixture(name='jpeg_folder')
+def fixture_jpeg_folder(tmp_path):
+  """JPEGs of several sizes and colour layouts, and a PNG (always decoded whole)."""
+  rng = np.random.default_rng(4)
+  root = tmp_path / 'images'
+  root.mkdir()
+  for i, (height, width) in enumerate(_JPEG_SIZES + ((40, 24), (24, 40))):
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    variants = list(_jpeg_variants(pixels).values())
+    (root / f'{i}.jpg').write_bytes(variants[i % len(variants)])
+  Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / 'p.png')
+  return make_data(source='folder', path=str(root), image_size=12)
+
+
+def _jpeg_window_views(data, jpeg_windows):
+  """A random resized crop, and the whole image: its box does not fit a non-square image
+  at aspect 1, and a square one is whole at area 1; either way the box is the image."""
+  whole = ml_collections.ConfigDict({'crop_area': (1.0, 1.0), 'crop_aspect': (1.0, 1.0),
+                                     'flip_prob': 0.5})
+  views = (View(make_aug(), 12), View(whole, 8))
+  stream = pipeline.train_iterator(data, views, 3, seed=7, shard_index=0, shard_count=1,
+                                   jpeg_windows=jpeg_windows)
+  return [next(stream) for _ in range(9)]   # 3 passes over the 9 images
+
+
+def test_views_from_jpeg_windows_equal_those_cut_from_the_whole_image(jpeg_folder,
+                                                                      monkeypatch):
+  windowed = _jpeg_window_views(jpeg_folder, jpeg_windows=True)
+  _assert_same(windowed, _jpeg_window_views(jpeg_folder, jpeg_windows=False))
+  # The windows were decoded: without the margin their side columns would differ.
+  monkeypatch.setattr(pipeline, '_WINDOW_MARGIN', 0)
+  bare = _jpeg_window_views(jpeg_folder, jpeg_windows=True)
+  assert any(not np.array_equal(a, b) for got, want in zip(bare, windowed)
+             for a, b in zip(got['views'], want['views']))
+
+
+def test_a_jpeg_cut_short_is_skipped_in_every_pass_whatever_its_windows(tmp_path, caplog):
+  """Its top rows decode, so some windows would; it is decoded whole and always fails."""
+  rng = np.random.default_rng(5)
+  _random_images(tmp_path / 'images', 3, rng)
+  encoded = _jpeg_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+  cut = tmp_path / 'images' / 'cut.jpg'
+  cut.write_bytes(encoded[:len(encoded) * 9 // 10])
+  data = make_data(source='folder', path=str(tmp_path / 'images'), image_size=8)
+  caplog.clear()
+  stream = pipeline.train_iterator(data, [View(make_aug(), 8)], 2, seed=0, shard_index=0,
+                                   shard_count=1, jpeg_windows=True)
+  batches = [next(stream) for _ in range(15)]   # 10 passes
+  listing = folder.folder_split(data, 'train').paths
+  assert str(cut) not in {listing[i] for b in batches for i in b['index']}
+  assert sum(str(cut) in w for w in _skip_warnings(caplog)) == 1
