@@ -1,0 +1,140 @@
+r"""What end-to-end contrastive learning costs against MoCo, and what remat saves.
+
+    python -m benchmarks.cost --config=configs/simclr_imagenet.py \
+        --config.model.precision=bfloat16 --json=/tmp/cost.json
+
+The MoCo v2 paper's comparison, on one device at one batch (``--batch``, 256):
+SimCLR (end to end: both views' gradients flow through one encoder) against MoCo
+(the keys come from an EMA encoder that takes no gradient), same network and
+image size (the config's). Then SimCLR at ``--large_batch`` (4096) without and
+with every ResNet stage rematerialised (``model.remat_stages``), compiled only
+unless ``--run_large``, since it rarely fits without remat.
+
+Per row: the step time (rows that run), XLA's compiled memory (arguments +
+outputs + temporaries), the device's peak memory where the backend reports it,
+and the activations the backward pass keeps, the residuals of ``jax.vjp`` of the
+method's loss per device, which no compiler scheduling changes. XLA:CPU does not
+schedule rematerialised code to save memory (it runs the recomputation early),
+so on CPU only that last column shows what remat saves; on a GPU the compiled
+and peak memory show it too.
+"""
+
+import json
+import time
+
+import jax
+from absl import app
+from absl import flags
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+
+from benchmarks import step as step_bench
+from contrastive import models
+from contrastive import parallel
+from contrastive import train
+from contrastive.methods import Batch
+
+FLAGS = flags.FLAGS
+GB = 1e9
+
+
+def saved_activations(step: step_bench.Step, state, batch) -> int:
+  """Bytes of the residuals that the method's loss keeps for its backward pass,
+  per device, counted while the per-replica step is traced (nothing runs)."""
+  method, ctx = step.method, step.ctx
+  sizes = []
+
+  def replica(state, batch):
+    views = train.device_views(jax.random.key(0), batch, method.views(ctx.config))
+    inputs = Batch(views=views, index=batch['index'])
+
+    def loss(params):
+      return method.loss(ctx, params, state.batch_stats, state.method_state, inputs,
+                         jax.random.key(1)).loss
+
+    value, backward = jax.vjp(loss, state.params)
+    param_bytes = sum(leaf.size * leaf.dtype.itemsize
+                      for leaf in jax.tree.leaves(state.params))
+    sizes.append(sum(leaf.size * leaf.dtype.itemsize
+                     for leaf in jax.tree.leaves(backward)) - param_bytes)
+    return value
+
+  jax.eval_shape(parallel.per_replica(replica, step.mesh, in_specs=(step.specs, P(parallel.AXIS)),
+                                      out_specs=P()), state, batch)
+  return int(sizes[0])
+
+
+def measure(config, name: str, run: bool, steps: int) -> dict:
+  step = step_bench.Step(config, num_examples=50000)
+  state = jax.eval_shape(step.init_state) if not run else step.init_state()
+  batch = step_bench.synthetic_batch(config, step.method, step.mesh, 50000)
+  saved = saved_activations(step, state, batch)
+  start_compile = time.perf_counter()
+  compiled = step.fn.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start_compile
+  row = {'name': name, 'method': config.method, 'model': config.model.name,
+         'width': config.model.width, 'image_size': config.data.image_size,
+         'batch': config.global_batch_size,
+         'precision': models.compute_dtype(config.model).name,
+         'remat_stages': list(config.model.remat_stages), 'compile_seconds': compile_seconds,
+         'compiled_bytes': step_bench.compiled_bytes(compiled.memory_analysis()),
+         'saved_activation_bytes': saved, 'step_seconds': None, 'peak_device_bytes': None}
+  if run:
+    _, figures = step_bench.time_steps(compiled, state, batch, step.mesh, steps, 1, None)
+    row.update(step_seconds=figures['step_seconds'],
+               peak_device_bytes=step_bench.peak_device_bytes())
+  return row
+
+
+def _line(row: dict) -> str:
+  def gb(value):
+    return '-' if value is None else f'{value / GB:.2f}'
+  seconds = '-' if row['step_seconds'] is None else f'{1000 * row["step_seconds"]:.1f}'
+  return (f'{row["name"]:<26}{row["batch"]:>6}{row["precision"]:>10}{seconds:>11}'
+          f'{gb(row["compiled_bytes"]):>10}{gb(row["peak_device_bytes"]):>9}'
+          f'{gb(row["saved_activation_bytes"]):>12}')
+
+
+def main(argv):
+  del argv
+  base = FLAGS.config
+  print(json.dumps(step_bench.machine()))
+  print(f'{"":<26}{"batch":>6}{"precision":>10}{"step ms":>11}{"XLA GB":>10}'
+        f'{"peak GB":>9}{"saved act GB":>12}')
+  rows = []
+
+  def variant(name, method, batch, remat=(), run=True):
+    config = base.copy_and_resolve_references()
+    config.method, config.global_batch_size = method, batch
+    config.model.remat_stages = remat
+    config.data.in_memory = True           # synthetic images, crops on the device
+    config.moco.queue_size = max(config.moco.queue_size // batch, 1) * batch
+    rows.append(measure(config, name, run, FLAGS.steps))
+    print(_line(rows[-1]), flush=True)
+
+  variant('end-to-end (SimCLR)', 'simclr', FLAGS.batch)
+  variant('MoCo (EMA keys, queue)', 'moco', FLAGS.batch)
+  variant('SimCLR, no remat', 'simclr', FLAGS.large_batch, run=FLAGS.run_large)
+  variant('SimCLR, remat stages 1-4', 'simclr', FLAGS.large_batch, remat=(1, 2, 3, 4),
+          run=FLAGS.run_large)
+  end_to_end, moco = rows[0], rows[1]
+  if end_to_end['step_seconds'] and moco['step_seconds']:
+    print(f'end-to-end / MoCo: time {end_to_end["step_seconds"] / moco["step_seconds"]:.2f}x, '
+          f'saved activations '
+          f'{end_to_end["saved_activation_bytes"] / moco["saved_activation_bytes"]:.2f}x')
+  print(f'remat keeps {rows[3]["saved_activation_bytes"] / rows[2]["saved_activation_bytes"]:.2f}'
+        ' of the activations')
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump({'machine': step_bench.machine(), 'config': base.to_dict(), 'rows': rows},
+                f, indent=2, default=str)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
+  flags.DEFINE_integer('batch', 256, 'batch of the SimCLR / MoCo comparison')
+  flags.DEFINE_integer('large_batch', 4096, 'batch of the remat comparison')
+  flags.DEFINE_bool('run_large', False, 'run the large-batch steps, not only compile them')
+  flags.DEFINE_integer('steps', 5, 'timed steps')
+  flags.DEFINE_string('json', '', 'write every figure here')
+  app.run(main)
