@@ -107,6 +107,8 @@ def projection(cin, cout, stride):
   return nn.Sequential(conv(cin, cout, 1, stride), batch_norm(cout))
 
 
+# contrastive.models.resnet.ARCHITECTURES again, on purpose: this interpreter imports
+# torch only. --check and benchmarks.step's parameter counts catch any drift.
 ARCHITECTURES = {
     'resnet10': ((1, 1, 1, 1), BasicBlock),
     'resnet18': ((2, 2, 2, 2), BasicBlock),

@@ -218,10 +218,10 @@ class DeviceBatches:
     if self._size == 0:
       return self._to_device(next(self._batches))
     item = self._queue.get()
-    if item is self._DONE:
-      self._queue.put(item)
-      raise StopIteration
-    if isinstance(item, BaseException):
+    if item is self._DONE or isinstance(item, BaseException):
+      self._queue.put(item)      # the next call ends (or fails) the same way
+      if item is self._DONE:
+        raise StopIteration
       raise item
     return item
 
