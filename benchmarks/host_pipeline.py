@@ -17,7 +17,8 @@ and a random flip, batched as uint8. Two datasets:
 And three paths over each:
 
 - ours, windowed decode: ``pipeline.train_iterator`` decoding each view's window of
-  the JPEG (``jpeg_windows=True``), tf.data limited to ``--workers`` threads;
+  the JPEG (``jpeg_windows=True``), with TensorFlow's shared thread pools as the
+  trainer runs it (they size themselves to the cores the process is pinned to);
 - ours, full decode: the same, decoding the whole image once (``jpeg_windows=False``);
   the pipeline's default, chosen from these figures;
 - torchvision: PIL decode, ``RandomResizedCrop`` + ``RandomHorizontalFlip`` once a
@@ -60,7 +61,7 @@ flags.DEFINE_string('synthetic_dir', os.path.join(tempfile.gettempdir(),
                                                   'host_pipeline_synthetic'),
                     'cache of the generated ImageNet-sized JPEGs')
 flags.DEFINE_integer('synthetic_count', 2000, 'ImageNet-sized JPEGs generated')
-flags.DEFINE_integer('workers', 2, 'tf.data threads, DataLoader workers, cores pinned')
+flags.DEFINE_integer('workers', 2, 'cores pinned, and DataLoader workers')
 flags.DEFINE_integer('views', 2, 'views per image: 2 for pretraining, 1 for fine-tuning')
 flags.DEFINE_integer('batch_size', 128, 'images per batch')
 flags.DEFINE_integer('warmup_batches', 20, 'batches consumed before timing')
@@ -203,7 +204,7 @@ def _ours(folder: str, jpeg_windows: bool, size: int, views: int, workers: int,
                                    'flip_prob': FLIP_PROB})
   batches = pipeline.train_iterator(data, (View(aug, size),) * views, timing['batch_size'],
                                     seed=0, shard_index=0, shard_count=1,
-                                    jpeg_windows=jpeg_windows, threads=workers)
+                                    jpeg_windows=jpeg_windows)
   return {'windows': _rates(batches, **timing),
           'versions': {'tensorflow': sources.import_tensorflow().__version__}}
 

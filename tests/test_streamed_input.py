@@ -313,3 +313,28 @@ def test_a_jpeg_cut_short_is_skipped_in_every_pass_whatever_its_windows(tmp_path
   listing = folder.folder_split(data, 'train').paths
   assert str(cut) not in {listing[i] for b in batches for i in b['index']}
   assert sum(str(cut) in w for w in _skip_warnings(caplog)) == 1
+
+
+def test_host_crop_boxes_are_the_on_device_crop_boxes():
+  """The streamed path's crops follow the in-memory path's: for the same uniform
+  draws and image shape, ``pipeline._sample_crop_boxes`` (TensorFlow, all views at
+  once) gives exactly ``augment._crop_box``'s box (JAX), including the whole-image
+  fallback when no attempt fits (tall and wide images with a wide aspect range)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from contrastive.data import augment  # pylint: disable=import-outside-toplevel
+  tf = sources.import_tensorflow()
+  rng = np.random.default_rng(0)
+  ranges = [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.2, 1.0), (0.05, 20.0)),
+            ((0.9, 1.0), (0.5, 2.0))]
+  fell_back = 0
+  for _ in range(60):
+    height, width = (int(v) for v in rng.choice([3, 17, 32, 250, 500], size=2))
+    draws = rng.uniform(size=(len(ranges), pipeline._VIEW_DRAWS)).astype(np.float32)
+    boxes = pipeline._sample_crop_boxes(tf, tf.constant([height, width]), tf.constant(draws),
+                                        [area for area, _ in ranges],
+                                        [aspect for _, aspect in ranges]).numpy()
+    for view, (area, aspect) in enumerate(ranges):
+      expected = augment._crop_box(jnp.asarray(draws[view, :-1]), height, width, area, aspect)
+      np.testing.assert_array_equal(boxes[view], np.array(expected, np.int32))
+      fell_back += tuple(boxes[view, 2:]) == (height, width)
+  assert fell_back > 0

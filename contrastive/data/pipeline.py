@@ -37,6 +37,8 @@ _SHUFFLE_BUFFER = 10_000
 _INTERLEAVED_FILES = 16
 # Random-resized-crop attempts before falling back to the whole image.
 _CROP_ATTEMPTS = 10
+# Uniform draws per view: areas and aspects of the attempts, top, left and the flip.
+_VIEW_DRAWS = 2 * _CROP_ATTEMPTS + 3
 # Columns decoded either side of a JPEG crop window and cut off (_decode_jpeg_window):
 # more than one chroma sample, 2 pixels at 4:2:0 and 4:2:2 (where 2 is measured to be
 # exact and 1 not) and 4 at 4:1:1 (which Pillow cannot write, so untested).
@@ -46,8 +48,8 @@ _NUM_SKIPPED_NAMED = 5
 
 
 def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: int,
-                   shard_count: int, start_position: int = 0, *, jpeg_windows: bool = False,
-                   threads: int | None = None) -> Iterator[dict]:
+                   shard_count: int, start_position: int = 0, *,
+                   jpeg_windows: bool = False) -> Iterator[dict]:
   """Endless batches of host-augmented views of this process's block, resumable exactly.
 
   The process reads an endless stream of its block of ``block_length`` examples:
@@ -81,12 +83,13 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
   skips only the inverse DCT and colour conversion outside it, so a window costs
   most of a full decode, and two views cost two. Measured by
   ``benchmarks/host_pipeline.py`` on 2 cores of an AMD EPYC (images/s, windows
-  against whole): two views, 306 against 333 at 224 px from 400-500 px JPEGs of
-  ~100 kB (0.92x) and 2856 against 2848 at CIFAR-10's 32 px; one view, 538 against
-  546 (a tie; 583 against 560 in another run) and 3759 against 4741 (0.79x).
+  against whole): two views, 434 against 541 at 224 px from 400-500 px JPEGs of
+  ~100 kB (0.80x) and 3720 against 6306 at CIFAR-10's 32 px (0.59x); one view, 924
+  against 873 (1.06x) and 4497 against 6309 (0.71x).
 
-  ``threads``: the size of a private tf.data thread pool for this stream (None:
-  TensorFlow's shared one), to hold it to a number of cores.
+  Each view is resized bicubic without antialiasing, as in SimCLR's reference
+  (``tf.image.resize``'s default). Antialiasing (``scale_and_translate``) made the
+  stage 1.7x slower at 224 px from ImageNet-sized images.
   """
   tf = sources.import_tensorflow()
   if start_position < 0:
@@ -99,30 +102,37 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
                      'split is smaller than the number of processes.')
   encoded, name_of = stream
   process_seed = _process_seed(seed, shard_index)
-  crops = [(int(view.size), tuple(view.aug.crop_area), tuple(view.aug.crop_aspect),
-            float(view.aug.flip_prob)) for view in views]
+  sizes = [int(view.size) for view in views]
+  flip_probs = tf.constant([float(view.aug.flip_prob) for view in views])
+  area_ranges = [tuple(view.aug.crop_area) for view in views]
+  aspect_ranges = [tuple(view.aug.crop_aspect) for view in views]
 
   def augmented_views(example):
     encoded = example['encoded']
-    view_seeds = tf.random.experimental.stateless_split(
-        tf.stack([tf.constant(process_seed, tf.int64), example['position']]), len(crops))
+    # One draw gives every view of the example its crop and flip: per-example ops,
+    # not their arithmetic, are the cost of small images.
+    draws = tf.random.stateless_uniform(
+        [len(views), _VIEW_DRAWS],
+        tf.stack([tf.constant(process_seed, tf.int64), example['position']]))
+    flips = draws[:, -1] < flip_probs
 
-    def views(shape, window):
-      return tuple(_crop_and_flip(tf, shape, window, view_seeds[v], *crop)
-                   for v, crop in enumerate(crops))
+    def cut_views(shape, window):
+      boxes = _sample_crop_boxes(tf, shape, draws, area_ranges, aspect_ranges)
+      return tuple(_resize_and_flip(tf, window(*tf.unstack(boxes[v])), size, flips[v])
+                   for v, size in enumerate(sizes))
 
     def from_whole_image():
       image = _decode(tf, encoded)
-      return views(tf.shape(image)[:2], lambda top, left, h, w: image[top:top + h,
-                                                                      left:left + w])
+      return cut_views(tf.shape(image)[:2],
+                       lambda top, left, h, w: image[top:top + h, left:left + w])
 
     def from_jpeg_windows():
       shape = tf.io.extract_jpeg_shape(encoded)[:2]
-      return views(shape, functools.partial(_decode_jpeg_window, tf, encoded, shape[1]))
+      return cut_views(shape, functools.partial(_decode_jpeg_window, tf, encoded, shape[1]))
 
-    windowed = _complete_jpeg(tf, encoded) if jpeg_windows else tf.constant(False)
-    return {'views': tf.cond(windowed, from_jpeg_windows, from_whole_image),
-            'label': example['label'], 'index': example['index'],
+    cut = (tf.cond(_complete_jpeg(tf, encoded), from_jpeg_windows, from_whole_image)
+           if jpeg_windows else from_whole_image())
+    return {'views': cut, 'label': example['label'], 'index': example['index'],
             'position': example['position']}
 
   ds = encoded.map(augmented_views, num_parallel_calls=tf.data.AUTOTUNE)
@@ -133,8 +143,6 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
   options = tf.data.Options()
   # In-order parallel map: batch composition must not depend on thread timing.
   options.deterministic = True
-  if threads is not None:
-    options.threading.private_threadpool_size = threads
   return _name_skipped(ds.with_options(options).as_numpy_iterator(), start_position,
                        name_of)
 
@@ -438,48 +446,48 @@ def _decode_jpeg_window(tf, encoded, image_width, top, left, height, width):
   return window[:, left - start:left - start + width]
 
 
-def _crop_and_flip(tf, shape, window, seed, size: int, area_range, aspect_range,
-                   flip_prob: float):
-  """One training view of an image of ``shape`` (height, width): random resized crop
-  to size x size (bicubic), then a random flip.
-
-  ``window(top, left, height, width)`` gives the crop's pixels, cut from the decoded
-  image or decoded alone from a JPEG; the draws depend on the shape and seed only,
-  so both give the same view.
-  """
-  k_area, k_aspect, k_top, k_left, k_flip = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 5))
-  crop = window(*_sample_crop_box(tf, shape, (k_area, k_aspect, k_top, k_left), area_range,
-                                  aspect_range))
-  view = tf.image.resize(crop, [size, size], method='bicubic', antialias=True)
-  flip = tf.random.stateless_uniform([], k_flip) < flip_prob
+def _resize_and_flip(tf, crop, size: int, flip):
+  """A crop resized to size x size (bicubic, not antialiased; see ``train_iterator``),
+  then flipped if ``flip``."""
+  view = tf.image.resize(crop, [size, size], method='bicubic')
   view = tf.cond(flip, lambda: tf.reverse(view, axis=[1]), lambda: view)
   return _to_uint8(tf, view)
 
 
-def _sample_crop_box(tf, shape, keys, area_range, aspect_range):
-  """int32 (top, left, height, width) of a random resized crop of an image of ``shape``.
+def _sample_crop_boxes(tf, shape, draws, area_ranges, aspect_ranges):
+  """int32 [views, 4] (top, left, height, width): a random resized crop per view of an
+  image of ``shape``, from the view's row of uniform ``draws`` ([views, _VIEW_DRAWS])
+  and its (low, high) area fraction and aspect ratio.
 
   Follows ``augment.sample_crop_box`` (the on-device crop used for in-memory data):
   each of the attempts draws an area fraction uniformly and an aspect ratio
   log-uniformly, the first box that fits is kept, and the whole image is used if none
-  fits.
+  fits; the offset is uniform over the positions that keep the box inside. The draws
+  depend on the seed only and the box on them and the shape, so a window decoded
+  alone gives the same view as one cut from the whole image.
   """
-  k_area, k_aspect, k_top, k_left = keys
+  n = _CROP_ATTEMPTS
   height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  area = height * width * tf.random.stateless_uniform(
-      [_CROP_ATTEMPTS], k_area, area_range[0], area_range[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [_CROP_ATTEMPTS], k_aspect, math.log(aspect_range[0]), math.log(aspect_range[1])))
+
+  def affine(ranges):   # [views, 1] float32 low and high - low, rounded as the JAX crop's
+    ranges = np.asarray(ranges, np.float64)
+    return (tf.constant(ranges[:, :1], tf.float32),
+            tf.constant(ranges[:, 1:] - ranges[:, :1], tf.float32))
+
+  low, span = affine(area_ranges)
+  area = height * width * (low + span * draws[:, :n])
+  low, span = affine(np.log(aspect_ranges))
+  aspect = tf.exp(low + span * draws[:, n:2 * n])
   crop_w = tf.round(tf.sqrt(area * aspect))
   crop_h = tf.round(tf.sqrt(area / aspect))
   fits = (crop_h >= 1) & (crop_w >= 1) & (crop_h <= height) & (crop_w <= width)
-  first = tf.argmax(tf.cast(fits, tf.int32))
-  crop_h = tf.where(fits[first], crop_h[first], height)
-  crop_w = tf.where(fits[first], crop_w[first], width)
-  top = tf.floor(tf.random.stateless_uniform([], k_top) * (height - crop_h + 1))
-  left = tf.floor(tf.random.stateless_uniform([], k_left) * (width - crop_w + 1))
-  return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
+  first = tf.argmax(tf.cast(fits, tf.int32), axis=1)[:, None]
+  found = tf.reduce_any(fits, axis=1)
+  crop_h = tf.where(found, tf.gather(crop_h, first, batch_dims=1)[:, 0], height)
+  crop_w = tf.where(found, tf.gather(crop_w, first, batch_dims=1)[:, 0], width)
+  top = tf.floor(draws[:, 2 * n] * (height - crop_h + 1))
+  left = tf.floor(draws[:, 2 * n + 1] * (width - crop_w + 1))
+  return tf.cast(tf.stack([top, left, crop_h, crop_w], axis=1), tf.int32)
 
 
 def _resize_and_centre_crop(tf, image, size: int, crop_fraction: float):
