@@ -24,11 +24,11 @@ cifar=(--config.data.source=folder "--config.data.path=$data/cifar10/train")
 # 1. SimCLR ResNet-18 CIFAR and ResNet-50 224 px, fp32 and bf16, against PyTorch.
 python3 -m benchmarks.step --config=configs/simclr_cifar10.py \
     --config.global_batch_size=512 --precisions=float32,bfloat16 \
-    --inputs=synthetic,in_memory "${cifar[@]}" --torch --steps=20 \
+    --inputs=synthetic,in_memory "${cifar[@]}" --torch --steps=10 --rounds=3 \
     --json="$out/step_cifar.json" 2>&1 | tee "$out/step_cifar.txt"
 python3 -m benchmarks.step --config=configs/simclr_imagenet.py \
     --config.global_batch_size=256 --precisions=float32,bfloat16 \
-    --inputs=synthetic --torch --steps=20 \
+    --inputs=synthetic --torch --steps=10 --rounds=3 \
     --json="$out/step_r50.json" 2>&1 | tee "$out/step_r50.txt"
 
 # 2. End-to-end against MoCo at 256, SimCLR at 4096 with and without remat.

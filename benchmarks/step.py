@@ -21,7 +21,9 @@ lists the depths to compare, 0 being no prefetch):
 Each row gives the compile time (apart), the step time and images/s over
 ``--steps`` steps after ``--warmup``, the share of that time the loop waited for
 input, XLA's compiled memory (arguments + outputs + temporaries) and, where the
-backend reports it, the device's peak memory. ``--torch`` runs
+backend reports it, the device's peak memory (the high-water mark after the row's
+first round). With ``--rounds=R`` the rows take R turns and report their median
+turn, so that drift in the machine's speed does not favour one input. ``--torch`` runs
 ``benchmarks/torch_reference.py`` (the same SimCLR step in PyTorch, its own
 interpreter) for each precision and prints ours / PyTorch on synthetic input.
 Images/s count each image once, not once per view. The table is printed, and
@@ -209,9 +211,15 @@ def machine() -> dict:
 
 
 def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
-              num_examples: int) -> list[dict]:
-  """One row per (precision, input, prefetch depth), printed as it is measured."""
-  rows = []
+              num_examples: int, rounds: int) -> list[dict]:
+  """One row per (precision, input, prefetch depth).
+
+  Every row is compiled first, then the rows take turns: ``rounds`` rounds of
+  ``warmup`` + ``steps`` steps each, so that a machine whose speed drifts (a shared
+  host, a GPU's clocks) moves every row alike rather than whichever ran last. A
+  row's figures are those of its median round; the JSON keeps every round's.
+  """
+  entries = []
   for precision in precisions:
     for source in inputs:
       run_config = config.copy_and_resolve_references()
@@ -225,26 +233,33 @@ def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
         first = batches
       else:
         depths = [int(depth) for depth in prefetch]
-        host_batches, _ = real_batches(run_config, step.method, step.mesh)
+        batches, _ = real_batches(run_config, step.method, step.mesh)
         first = parallel.host_to_global(
-            {k: v for k, v in next(host_batches).items() if k != 'position'}, step.mesh)
+            {k: v for k, v in next(batches).items() if k != 'position'}, step.mesh)
       state = step.init_state()
-      params = num_parameters(state)
       compiled, compile_seconds, analysis = step.compile(state, first)
-      for depth in depths:
-        state, figures = time_steps(compiled, state,
-                                    batches if depth is None else host_batches,
-                                    step.mesh, steps, warmup, depth)
-        rows.append({
-            'method': run_config.method, 'model': run_config.model.name,
-            'width': run_config.model.width, 'image_size': run_config.data.image_size,
-            'batch': run_config.global_batch_size, 'precision': precision,
-            'remat_stages': list(run_config.model.remat_stages), 'input': source,
-            'prefetch': depth, 'compile_seconds': compile_seconds,
-            'images_per_second': run_config.global_batch_size / figures['step_seconds'],
-            'compiled_bytes': compiled_bytes(analysis),
-            'peak_device_bytes': peak_device_bytes(), 'num_parameters': params, **figures})
-        print(_row_line(rows[-1]), flush=True)
+      row = {'method': run_config.method, 'model': run_config.model.name,
+             'width': run_config.model.width, 'image_size': run_config.data.image_size,
+             'batch': run_config.global_batch_size, 'precision': precision,
+             'remat_stages': list(run_config.model.remat_stages), 'input': source,
+             'compile_seconds': compile_seconds, 'compiled_bytes': compiled_bytes(analysis),
+             'num_parameters': num_parameters(state)}
+      # The prefetch depths of one input share its step, state and host batches.
+      shared = {'compiled': compiled, 'state': state, 'batches': batches, 'mesh': step.mesh}
+      entries.extend(({**row, 'prefetch': depth, 'rounds': []}, shared) for depth in depths)
+  for _ in range(rounds):
+    for row, shared in entries:
+      shared['state'], figures = time_steps(shared['compiled'], shared['state'],
+                                            shared['batches'], shared['mesh'], steps,
+                                            warmup, row['prefetch'])
+      row['rounds'].append(figures)
+      if len(row['rounds']) == 1:   # the high-water mark so far, as with one round
+        row['peak_device_bytes'] = peak_device_bytes()
+  rows = []
+  for row, _ in entries:
+    median = sorted(row['rounds'], key=lambda r: r['step_seconds'])[(rounds - 1) // 2]
+    rows.append({**row, **median, 'images_per_second': row['batch'] / median['step_seconds']})
+    print(_row_line(rows[-1]), flush=True)
   return rows
 
 
@@ -270,7 +285,7 @@ def main(argv):
   print(json.dumps(machine()))
   print(HEADER)
   rows = benchmark(config, FLAGS.precisions, FLAGS.inputs, FLAGS.prefetch, FLAGS.steps,
-                   FLAGS.warmup, FLAGS.num_examples)
+                   FLAGS.warmup, FLAGS.num_examples, FLAGS.rounds)
   torch_rows = []
   if FLAGS.torch and config.method != 'simclr':
     print(f'--torch: the PyTorch reference is SimCLR\'s step, not {config.method}\'s.')
@@ -303,7 +318,9 @@ if __name__ == '__main__':
   flags.DEFINE_list('inputs', ['synthetic'], 'synthetic, in_memory, streamed')
   flags.DEFINE_list('prefetch', ['0', '2'], 'input-stage depths for the real inputs')
   flags.DEFINE_integer('steps', 10, 'timed steps')
-  flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
+  flags.DEFINE_integer('warmup', 2, 'untimed steps before each round')
+  flags.DEFINE_integer('rounds', 1, 'turns the rows take, each of --steps timed steps; '
+                       'a row reports its median round')
   flags.DEFINE_integer('num_examples', 50000, 'training-set size a synthetic run assumes '
                        '(memory bank and classifier rows)')
   flags.DEFINE_bool('torch', False, 'also time benchmarks/torch_reference.py (SimCLR)')
