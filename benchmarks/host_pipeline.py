@@ -28,11 +28,13 @@ And three paths over each:
 Each path runs in a fresh process pinned to ``--workers`` cores (its workers and
 its consumer included), so images/s per core is the rate over those cores; the
 files are read once beforehand so that no path waits on the disk. TensorFlow and
-torch never share a process: importing torch after TensorFlow crashes. After
-``--warmup_batches`` batches, ``--repeats`` windows of ``--timed_images`` images are
-timed. The table shows their median, also per CPU-second used (the steadier figure
-when others share the machine); the JSON every window, the datasets and the machine
-(CPU model, cores, versions).
+torch never share a process: importing torch after TensorFlow crashes. The paths
+take ``--rounds`` turns, so that drift in a shared machine's speed moves them alike;
+in each, after ``--warmup_batches`` batches, ``--repeats`` windows of
+``--timed_images`` images are timed. The table shows the median of a path's
+windows, also per CPU-second used (the steadier figure when others share the
+machine); the JSON every window, the datasets and the machine (CPU model, cores,
+versions).
 """
 
 import json
@@ -66,7 +68,9 @@ flags.DEFINE_integer('views', 2, 'views per image: 2 for pretraining, 1 for fine
 flags.DEFINE_integer('batch_size', 128, 'images per batch')
 flags.DEFINE_integer('warmup_batches', 20, 'batches consumed before timing')
 flags.DEFINE_integer('timed_images', 2048, 'images per timed window')
-flags.DEFINE_integer('repeats', 4, 'timed windows; the table shows their median')
+flags.DEFINE_integer('repeats', 2, 'timed windows a turn')
+flags.DEFINE_integer('rounds', 3, 'turns the paths take, each in a fresh process; the '
+                     'table shows the median of all their windows')
 flags.DEFINE_bool('skip_torch', False, 'time only our path (torch need not be installed)')
 flags.DEFINE_string('json', '', 'where to write every figure as JSON')
 FLAGS = flags.FLAGS
@@ -326,14 +330,21 @@ def main(argv):
     for dataset, folder, paths in datasets:
       common = {'size': dataset['view_size'], 'views': FLAGS.views,
                 'workers': FLAGS.workers, 'timing': timing}
-      measured = {name: _in_own_process(_ours, folder=folder, jpeg_windows=jpeg_windows,
-                                        **common)
-                  for name, jpeg_windows in (('ours, windowed decode', True),
-                                             ('ours, full decode', False))}
+      paths_to_time = {
+          'ours, windowed decode': lambda: _in_own_process(
+              _ours, folder=folder, jpeg_windows=True, **common),
+          'ours, full decode': lambda: _in_own_process(
+              _ours, folder=folder, jpeg_windows=False, **common)}
       if not FLAGS.skip_torch:
-        measured['torchvision'] = _in_own_process(_torchvision, paths=paths, **common)
-      for result in measured.values():
-        versions.update(result['versions'])
+        paths_to_time['torchvision'] = lambda: _in_own_process(_torchvision, paths=paths,
+                                                               **common)
+      measured = {name: {'windows': []} for name in paths_to_time}
+      for _ in range(FLAGS.rounds):   # the paths take turns: drift moves them alike
+        for name, measure in paths_to_time.items():
+          result = measure()
+          measured[name]['windows'] += result['windows']
+          measured[name]['cores'] = result['cores']
+          versions.update(result['versions'])
       windows = {name: result['windows'] for name, result in measured.items()}
       medians = {name: {key: statistics.median(window[key] for window in w)
                         for key in ('images_per_s', 'images_per_cpu_s')}
