@@ -83,8 +83,8 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
   skips only the inverse DCT and colour conversion outside it, so a window costs
   most of a full decode, and two views cost two. Measured by
   ``benchmarks/host_pipeline.py`` on 2 cores of an AMD EPYC (images/s, windows
-  against whole): two views, 434 against 541 at 224 px from 400-500 px JPEGs of
-  ~100 kB (0.80x) and 3720 against 6306 at CIFAR-10's 32 px (0.59x); one view, 924
+  against whole): two views, 532 against 657 at 224 px from 400-500 px JPEGs of
+  ~100 kB (0.81x) and 6190 against 7646 at CIFAR-10's 32 px (0.81x); one view, 924
   against 873 (1.06x) and 4497 against 6309 (0.71x).
 
   Each view is resized bicubic without antialiasing, as in SimCLR's reference
