@@ -116,7 +116,10 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarr
 
 
 def _resolve_data(overrides, pretraining) -> ml_collections.ConfigDict:
-  data = ml_collections.ConfigDict(pretraining.to_dict())
+  """The pretraining run's data fields with this run's set ones on top; a field
+  the pretraining run's config predates takes today's default."""
+  data = ml_collections.ConfigDict({**config_lib.base_config().data.to_dict(),
+                                    **pretraining.to_dict()})
   for name, value in overrides.items():
     if value is not None:
       data[name] = value
@@ -348,7 +351,7 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> d
       layout.mesh, start_step=start_step, num_steps=num_steps,
       steps_per_epoch=steps_per_epoch, global_batch=config.global_batch_size,
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
-      preemption=preemption, prefetch=data.get('prefetch', 2),
+      preemption=preemption, prefetch=data.prefetch,
       console=(('train top-1', 'train_accuracy', '.3f'), ('lr', 'learning_rate', '.4g')))
 
   # --- evaluation

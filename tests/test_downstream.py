@@ -370,3 +370,17 @@ def test_head_layers_beyond_the_runs_head_name_the_field(pretrained_workdir, tmp
   for value in (3, -1):
     with pytest.raises(ValueError, match=rf'config\.head_layers={value}; valid: 0, 1, 2'):
       config_lib.validate_downstream(_config(pretrained_workdir, head_layers=value))
+
+
+def test_data_fields_a_pretraining_run_predates_take_their_defaults():
+  """A pretraining workdir saved before a data field existed still serves: the
+  field takes today's default, a set downstream field still wins."""
+  from contrastive import config as config_lib  # pylint: disable=import-outside-toplevel
+  saved = config_lib.base_config().data.to_dict()
+  del saved['prefetch']
+  saved['image_size'] = 32
+  overrides = config_lib.downstream_config().data
+  overrides.eval_crop_fraction = 1.0
+  data = downstream._resolve_data(overrides, ml_collections.ConfigDict(saved))
+  assert data.prefetch == config_lib.base_config().data.prefetch
+  assert data.image_size == 32 and data.eval_crop_fraction == 1.0
