@@ -196,6 +196,7 @@ def _rates(batches, batch_size: int, warmup_batches: int, timed_images: int,
 
 def _ours(folder: str, jpeg_windows: bool, size: int, views: int, workers: int,
           timing: dict) -> dict:
+  del workers   # TensorFlow's pools size themselves to the cores _pinned left us
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import ml_collections  # pylint: disable=import-outside-toplevel
   from contrastive import config  # pylint: disable=import-outside-toplevel
