@@ -26,6 +26,10 @@ first round). With ``--rounds=R`` the rows take R turns and report their median
 turn, so that drift in the machine's speed does not favour one input. ``--torch`` runs
 ``benchmarks/torch_reference.py`` (the same SimCLR step in PyTorch, its own
 interpreter) for each precision and prints ours / PyTorch on synthetic input.
+``--profile_steps=K`` then traces K more steps of each synthetic row and prints
+its top XLA ops by time and the time by category (convolution, matmul, layout
+copies, ...; see :mod:`benchmarks.op_profile`); ``--profile_dir`` keeps the
+traces for TensorBoard.
 Images/s count each image once, not once per view. The table is printed, and
 the JSON (``--json``) has every figure and the machine.
 """
@@ -35,6 +39,7 @@ import os
 import platform
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 
@@ -45,6 +50,7 @@ from absl import flags
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
+from benchmarks import op_profile
 from contrastive import loop
 from contrastive import optim
 from contrastive import parallel
@@ -146,6 +152,27 @@ def time_steps(compiled, state, batches, mesh, steps: int, warmup: int,
                  'loss': float(scalars['loss'])}
 
 
+def profile_step(compiled, state, batch, mesh, steps: int, log_dir: str, top: int):
+  """(state, the top ops of ``steps`` traced steps on ``batch``, see
+  :func:`op_profile.top_ops`). A trace without ops of the step yields its planes
+  and lines instead, so that a backend's other layout can be read."""
+  timed = {}
+
+  def run():
+    timed['state'], timed['figures'] = time_steps(compiled, state, batch, mesh, steps,
+                                                  warmup=0, prefetch=None)
+
+  path = op_profile.trace(run, log_dir)
+  trace, text = op_profile.load(path), compiled.as_text()
+  times = op_profile.op_times(trace, op_profile.module_name(text))
+  if not times:
+    return timed['state'], {'error': 'no op of the step in the trace', 'trace': path,
+                            'lines': op_profile.trace_summary(trace)}
+  profile = op_profile.top_ops(times, op_profile.describe_ops(text), steps, top)
+  return timed['state'], {**profile, 'steps': steps, 'trace': path,
+                          'step_ms': 1000 * timed['figures']['step_seconds']}
+
+
 def peak_device_bytes() -> int | None:
   """The allocator's high-water mark on the first local device (GPU, TPU); None
   on CPU, which keeps no such statistic."""
@@ -211,13 +238,17 @@ def machine() -> dict:
 
 
 def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
-              num_examples: int, rounds: int) -> list[dict]:
+              num_examples: int, rounds: int, profile_steps: int = 0,
+              profile_dir: str = '', profile_top: int = 15) -> list[dict]:
   """One row per (precision, input, prefetch depth).
 
   Every row is compiled first, then the rows take turns: ``rounds`` rounds of
   ``warmup`` + ``steps`` steps each, so that a machine whose speed drifts (a shared
   host, a GPU's clocks) moves every row alike rather than whichever ran last. A
   row's figures are those of its median round; the JSON keeps every round's.
+  With ``profile_steps``, each synthetic row then gets a ``'profile'`` of that many
+  traced steps (:func:`profile_step`), written under ``profile_dir`` (kept) or a
+  temporary folder (removed).
   """
   entries = []
   for precision in precisions:
@@ -255,12 +286,37 @@ def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
       row['rounds'].append(figures)
       if len(row['rounds']) == 1:   # the high-water mark so far, as with one round
         row['peak_device_bytes'] = peak_device_bytes()
+  if profile_steps:
+    traces = profile_dir or tempfile.mkdtemp(prefix='step_profile_')
+    try:
+      for row, shared in entries:
+        if row['input'] == 'synthetic':
+          shared['state'], row['profile'] = profile_step(
+              shared['compiled'], shared['state'], shared['batches'], shared['mesh'],
+              profile_steps, os.path.join(traces, row['precision']), profile_top)
+          if not profile_dir:
+            del row['profile']['trace']
+    finally:
+      if not profile_dir:
+        shutil.rmtree(traces, ignore_errors=True)
   rows = []
   for row, _ in entries:
     median = sorted(row['rounds'], key=lambda r: r['step_seconds'])[(rounds - 1) // 2]
     rows.append({**row, **median, 'images_per_second': row['batch'] / median['step_seconds']})
     print(_row_line(rows[-1]), flush=True)
+  for row in rows:
+    if 'profile' in row:
+      print(_profile_lines(row), flush=True)
   return rows
+
+
+def _profile_lines(row: dict) -> str:
+  profile = row['profile']
+  title = f'Top ops of {row["precision"]} {row["model"]} at batch {row["batch"]}'
+  if 'error' in profile:
+    return '\n'.join([f'{title}: {profile["error"]}; the trace holds:', *profile['lines']])
+  return (f'{title}, {profile["steps"]} traced steps of {profile["step_ms"]:.1f} ms, '
+          f'ops {profile["op_ms_per_step"]:.1f} ms a step:\n{op_profile.table(profile)}')
 
 
 def _row_line(row: dict) -> str:
@@ -285,7 +341,8 @@ def main(argv):
   print(json.dumps(machine()))
   print(HEADER)
   rows = benchmark(config, FLAGS.precisions, FLAGS.inputs, FLAGS.prefetch, FLAGS.steps,
-                   FLAGS.warmup, FLAGS.num_examples, FLAGS.rounds)
+                   FLAGS.warmup, FLAGS.num_examples, FLAGS.rounds, FLAGS.profile_steps,
+                   FLAGS.profile_dir, FLAGS.profile_top)
   torch_rows = []
   if FLAGS.torch and config.method != 'simclr':
     print(f'--torch: the PyTorch reference is SimCLR\'s step, not {config.method}\'s.')
@@ -326,5 +383,9 @@ if __name__ == '__main__':
   flags.DEFINE_bool('torch', False, 'also time benchmarks/torch_reference.py (SimCLR)')
   flags.DEFINE_list('torch_flags', [], 'extra flags for it (on a GPU --channels_last and '
                     '--compile are always given)')
+  flags.DEFINE_integer('profile_steps', 0, 'steps of each synthetic row traced for its '
+                       'top ops (0: none)')
+  flags.DEFINE_string('profile_dir', '', 'keep the traces here (for TensorBoard)')
+  flags.DEFINE_integer('profile_top', 15, 'ops listed per profile')
   flags.DEFINE_string('json', '', 'write every figure here')
   app.run(main)

@@ -2,6 +2,7 @@
 input stage, and reports each row's median round."""
 
 import numpy as np
+import pytest
 
 from benchmarks import step as step_benchmark
 
@@ -20,3 +21,23 @@ def test_step_benchmark_rows_take_turns_and_report_their_median_round(config):
     assert row['images_per_second'] == config.global_batch_size / row['step_seconds']
     assert 0 <= row['input_wait_fraction'] < 1 and np.isfinite(row['loss'])
     assert row['num_parameters'] > 0 and row['compile_seconds'] > 0
+
+
+def test_step_profile_lists_the_steps_own_ops_by_time(config):
+  """A traced CPU step: its ops are found, are instructions of the compiled step,
+  and come sorted; a ResNet step spends time in convolutions."""
+  rows = step_benchmark.benchmark(config, ['float32'], ['synthetic'], [], steps=1, warmup=1,
+                                  num_examples=640, rounds=1, profile_steps=2, profile_top=10)
+  profile = rows[0]['profile']
+  assert 'error' not in profile, profile
+  assert profile['steps'] == 2 and profile['step_ms'] > 0 and 'trace' not in profile
+  ops = profile['ops']
+  assert len(ops) == 10
+  times = [op['ms_per_step'] for op in ops]
+  assert times == sorted(times, reverse=True) and times[-1] > 0
+  assert all(op['category'] != 'unknown' for op in ops), ops
+  assert sum(op['share'] for op in ops) <= 1 + 1e-9
+  categories = profile['categories']
+  assert sum(c['ms_per_step'] for c in categories.values()) == pytest.approx(
+      profile['op_ms_per_step'])
+  assert categories['convolution']['ms_per_step'] > 0
