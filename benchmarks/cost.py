@@ -10,7 +10,8 @@ image size (the config's). Then SimCLR at ``--large_batch`` (4096) without and
 with every ResNet stage rematerialised (``model.remat_stages``), compiled only
 unless ``--run_large``, since it rarely fits without remat.
 
-Per row: the step time (rows that run), XLA's compiled memory (arguments +
+Each row runs in its own process. Per row: the step time (rows that run; OOM
+where the step does not fit in device memory), XLA's compiled memory (arguments +
 outputs + temporaries), the device's peak memory where the backend reports it,
 and the activations the backward pass keeps, the residuals of ``jax.vjp`` of the
 method's loss per device, which no compiler scheduling changes. XLA:CPU does not
@@ -20,6 +21,10 @@ and peak memory show it too.
 """
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 from absl import app
@@ -64,6 +69,8 @@ def saved_activations(step: step_bench.Step, state, batch) -> int:
 
 
 def measure(config, name: str, run: bool, steps: int) -> dict:
+  """The variant's row; a step that does not fit in device memory is a row with
+  its compiled figures and an 'error', not a failure."""
   step = step_bench.Step(config, num_examples=50000)
   state = jax.eval_shape(step.init_state) if not run else step.init_state()
   batch = step_bench.synthetic_batch(config, step.method, step.mesh, 50000)
@@ -77,16 +84,63 @@ def measure(config, name: str, run: bool, steps: int) -> dict:
          'compiled_bytes': step_bench.compiled_bytes(analysis),
          'saved_activation_bytes': saved, 'step_seconds': None, 'peak_device_bytes': None}
   if run:
-    _, figures = step_bench.time_steps(compiled, state, batch, step.mesh, steps, 1, None)
-    row.update(step_seconds=figures['step_seconds'],
-               peak_device_bytes=step_bench.peak_device_bytes())
+    try:
+      _, figures = step_bench.time_steps(compiled, state, batch, step.mesh, steps, 1, None)
+    except jax.errors.JaxRuntimeError as error:
+      if 'RESOURCE_EXHAUSTED' not in str(error):
+        raise
+      row['error'] = 'out of memory: ' + str(error).strip().splitlines()[0][:300]
+    else:
+      row['step_seconds'] = figures['step_seconds']
+    row['peak_device_bytes'] = step_bench.peak_device_bytes()
   return row
+
+
+def variants() -> list[tuple]:
+  """(name, method, batch, remat stages, run) of each row, in order."""
+  return [('end-to-end (SimCLR)', 'simclr', FLAGS.batch, (), True),
+          ('MoCo (EMA keys, queue)', 'moco', FLAGS.batch, (), True),
+          ('SimCLR, no remat', 'simclr', FLAGS.large_batch, (), FLAGS.run_large),
+          ('SimCLR, remat stages 1-4', 'simclr', FLAGS.large_batch, (1, 2, 3, 4),
+           FLAGS.run_large)]
+
+
+def measure_variant(index: int) -> dict:
+  name, method, batch, remat, run = variants()[index]
+  config = FLAGS.config.copy_and_resolve_references()
+  config.method, config.global_batch_size = method, batch
+  config.model.remat_stages = remat
+  config.data.in_memory = True           # synthetic images, crops on the device
+  config.moco.queue_size = max(config.moco.queue_size // batch, 1) * batch
+  return {**measure(config, name, run, FLAGS.steps), 'machine': step_bench.machine()}
+
+
+def in_own_process(index: int) -> dict:
+  """``measure_variant(index)`` in a fresh interpreter, so that each row's peak
+  device memory is its own (the high-water mark is per process and never falls)
+  and a row that fails does not take the others with it."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      filter(None, [root, os.environ.get('PYTHONPATH')]))}
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, 'row.json')
+    result = subprocess.run([sys.executable, '-m', 'benchmarks.cost', *sys.argv[1:],
+                             f'--variant={index}', f'--row_json={path}'], env=env, check=False)
+    if result.returncode or not os.path.exists(path):
+      name, _, batch, remat, _ = variants()[index]
+      return {'name': name, 'batch': batch, 'remat_stages': list(remat),
+              'error': f'failed with exit code {result.returncode} (its output is above)'}
+    with open(path) as f:
+      return json.load(f)
 
 
 def _line(row: dict) -> str:
   def gb(value):
     return '-' if value is None else f'{value / GB:.2f}'
-  seconds = '-' if row['step_seconds'] is None else f'{1000 * row["step_seconds"]:.1f}'
+  if 'compiled_bytes' not in row:
+    return f'{row["name"]:<26}{row["batch"]:>6}  {row["error"]}'
+  seconds = ('OOM' if row.get('error', '').startswith('out of memory') else
+             '-' if row['step_seconds'] is None else f'{1000 * row["step_seconds"]:.1f}')
   return (f'{row["name"]:<26}{row["batch"]:>6}{row["precision"]:>10}{seconds:>11}'
           f'{gb(row["compiled_bytes"]):>10}{gb(row["peak_device_bytes"]):>9}'
           f'{gb(row["saved_activation_bytes"]):>12}')
@@ -94,36 +148,29 @@ def _line(row: dict) -> str:
 
 def main(argv):
   del argv
-  base = FLAGS.config
-  print(json.dumps(step_bench.machine()))
+  if FLAGS.variant >= 0:    # one row, in the process in_own_process started
+    with open(FLAGS.row_json, 'w') as f:
+      json.dump(measure_variant(FLAGS.variant), f, default=str)
+    return
   print(f'{"":<26}{"batch":>6}{"precision":>10}{"step ms":>11}{"XLA GB":>10}'
         f'{"peak GB":>9}{"saved act GB":>12}')
   rows = []
-
-  def variant(name, method, batch, remat=(), run=True):
-    config = base.copy_and_resolve_references()
-    config.method, config.global_batch_size = method, batch
-    config.model.remat_stages = remat
-    config.data.in_memory = True           # synthetic images, crops on the device
-    config.moco.queue_size = max(config.moco.queue_size // batch, 1) * batch
-    rows.append(measure(config, name, run, FLAGS.steps))
+  for index in range(len(variants())):
+    rows.append(in_own_process(index))
     print(_line(rows[-1]), flush=True)
-
-  variant('end-to-end (SimCLR)', 'simclr', FLAGS.batch)
-  variant('MoCo (EMA keys, queue)', 'moco', FLAGS.batch)
-  variant('SimCLR, no remat', 'simclr', FLAGS.large_batch, run=FLAGS.run_large)
-  variant('SimCLR, remat stages 1-4', 'simclr', FLAGS.large_batch, remat=(1, 2, 3, 4),
-          run=FLAGS.run_large)
-  end_to_end, moco = rows[0], rows[1]
-  if end_to_end['step_seconds'] and moco['step_seconds']:
+  end_to_end, moco, no_remat, remat = rows
+  if end_to_end.get('step_seconds') and moco.get('step_seconds'):
     print(f'end-to-end / MoCo: time {end_to_end["step_seconds"] / moco["step_seconds"]:.2f}x, '
           f'saved activations '
           f'{end_to_end["saved_activation_bytes"] / moco["saved_activation_bytes"]:.2f}x')
-  print(f'remat keeps {rows[3]["saved_activation_bytes"] / rows[2]["saved_activation_bytes"]:.2f}'
-        ' of the activations')
+  if no_remat.get('saved_activation_bytes') and remat.get('saved_activation_bytes'):
+    print(f'remat keeps {remat["saved_activation_bytes"] / no_remat["saved_activation_bytes"]:.2f}'
+          ' of the activations')
+  machine = next((row['machine'] for row in rows if 'machine' in row), None)
+  print(json.dumps(machine))
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
-      json.dump({'machine': step_bench.machine(), 'config': base.to_dict(), 'rows': rows},
+      json.dump({'machine': machine, 'config': FLAGS.config.to_dict(), 'rows': rows},
                 f, indent=2, default=str)
 
 
@@ -134,4 +181,6 @@ if __name__ == '__main__':
   flags.DEFINE_bool('run_large', False, 'run the large-batch steps, not only compile them')
   flags.DEFINE_integer('steps', 5, 'timed steps')
   flags.DEFINE_string('json', '', 'write every figure here')
+  flags.DEFINE_integer('variant', -1, 'internal: measure only this row, in this process')
+  flags.DEFINE_string('row_json', '', 'internal: where --variant writes its row')
   app.run(main)

@@ -21,11 +21,13 @@ lists the depths to compare, 0 being no prefetch):
 Each row gives the compile time (apart), the step time and images/s over
 ``--steps`` steps after ``--warmup``, the share of that time the loop waited for
 input, XLA's compiled memory (arguments + outputs + temporaries) and, where the
-backend reports it, the device's peak memory (the high-water mark after the row's
-first round). With ``--rounds=R`` the rows take R turns and report their median
-turn, so that drift in the machine's speed does not favour one input. ``--torch`` runs
+backend reports it, the device's peak memory: the process's high-water mark (which
+also holds every row's state) where the row's first round raised it, else '-',
+since the mark then belongs to an earlier row. With ``--rounds=R`` the rows take R turns and report their median
+turn, so that drift in the machine's speed does not favour one input. ``--torch`` first runs
 ``benchmarks/torch_reference.py`` (the same SimCLR step in PyTorch, its own
-interpreter) for each precision and prints ours / PyTorch on synthetic input.
+interpreter, before JAX takes the GPU's memory) for each precision and prints
+ours / PyTorch on synthetic input.
 ``--profile_steps=K`` then traces K more steps of each synthetic row and prints
 its top XLA ops by time and the time by category (convolution, matmul, layout
 copies, ...; see :mod:`benchmarks.op_profile`); ``--profile_dir`` keeps the
@@ -196,15 +198,18 @@ def num_parameters(state) -> int:
 
 # ----------------------------------------------------------------------------- torch
 
-def torch_reference(config, precision: str, steps: int, warmup: int, extra_flags=()) -> dict:
-  """benchmarks/torch_reference.py's figures for the same SimCLR step."""
+def torch_reference(config, precision: str, steps: int, warmup: int, extra_flags=(),
+                    timeout: float | None = None) -> dict:
+  """benchmarks/torch_reference.py's figures for the same SimCLR step, on the GPU
+  where PyTorch sees one (channels_last and torch.compile there: PyTorch at its
+  best), else the CPU.
+
+  Called before this process first touches a JAX device, because JAX then takes
+  most of the GPU's memory for itself (XLA_PYTHON_CLIENT_PREALLOCATE) and would
+  leave PyTorch too little."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torch_reference.py')
-  device = jax.local_devices()[0].platform
   with tempfile.TemporaryDirectory() as folder:
     out = os.path.join(folder, 'torch.json')
-    # On a GPU the reference is PyTorch at its best: channels_last and torch.compile.
-    if device == 'gpu':
-      extra_flags = ['--channels_last', '--compile', *extra_flags]
     command = [sys.executable, script, f'--model={config.model.name}',
                f'--width={config.model.width}', f'--stem={config.model.stem}',
                f'--image_size={config.data.image_size}',
@@ -212,10 +217,13 @@ def torch_reference(config, precision: str, steps: int, warmup: int, extra_flags
                f'--temperature={config.simclr.temperature}',
                f'--optimizer={"lars" if config.optim.name == "lars" else "sgd"}',
                f'--precision={"bf16" if precision == "bfloat16" else "fp32"}',
-               f'--device={"cuda" if device == "gpu" else "cpu"}',
-               f'--steps={steps}', f'--warmup={max(warmup, 1)}',
+               '--best_on_gpu', f'--steps={steps}', f'--warmup={max(warmup, 1)}',
                f'--threads={os.cpu_count()}', f'--json={out}', *extra_flags]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+      result = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return {'error': [f'did not finish within --torch_seconds={timeout:g}']}
     if result.returncode:
       return {'error': (result.stderr or result.stdout).strip().splitlines()[-1:]}
     with open(out) as f:
@@ -280,12 +288,14 @@ def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
       entries.extend(({**row, 'prefetch': depth, 'rounds': []}, shared) for depth in depths)
   for _ in range(rounds):
     for row, shared in entries:
+      before = peak_device_bytes()
       shared['state'], figures = time_steps(shared['compiled'], shared['state'],
                                             shared['batches'], shared['mesh'], steps,
                                             warmup, row['prefetch'])
       row['rounds'].append(figures)
-      if len(row['rounds']) == 1:   # the high-water mark so far, as with one round
-        row['peak_device_bytes'] = peak_device_bytes()
+      if len(row['rounds']) == 1:
+        peak = peak_device_bytes()
+        row['peak_device_bytes'] = peak if peak is not None and peak != before else None
   if profile_steps:
     traces = profile_dir or tempfile.mkdtemp(prefix='step_profile_')
     try:
@@ -338,31 +348,34 @@ HEADER = (f'{"method":<10}{"model":<10}{"size":>5}{"batch":>6} {"precision":<9}'
 def main(argv):
   del argv
   config = FLAGS.config
+  references = {}
+  if FLAGS.torch and config.method != 'simclr':
+    print(f'--torch: the PyTorch reference is SimCLR\'s step, not {config.method}\'s.')
+  elif FLAGS.torch:   # first: see torch_reference
+    references = {precision: torch_reference(config, precision, FLAGS.steps, FLAGS.warmup,
+                                              FLAGS.torch_flags, FLAGS.torch_seconds)
+                  for precision in FLAGS.precisions}
   print(json.dumps(machine()))
   print(HEADER)
   rows = benchmark(config, FLAGS.precisions, FLAGS.inputs, FLAGS.prefetch, FLAGS.steps,
                    FLAGS.warmup, FLAGS.num_examples, FLAGS.rounds, FLAGS.profile_steps,
                    FLAGS.profile_dir, FLAGS.profile_top)
   torch_rows = []
-  if FLAGS.torch and config.method != 'simclr':
-    print(f'--torch: the PyTorch reference is SimCLR\'s step, not {config.method}\'s.')
-  elif FLAGS.torch:
-    for precision in FLAGS.precisions:
-      reference = torch_reference(config, precision, FLAGS.steps, FLAGS.warmup,
-                                  FLAGS.torch_flags)
-      ours = next(r for r in rows if r['precision'] == precision
-                  and r['input'] == 'synthetic')
-      reference['ratio_ours_to_torch'] = (
-          ours['images_per_second'] / reference['images_per_second']
-          if 'images_per_second' in reference else None)
-      torch_rows.append({'precision': precision, **reference})
-      if 'error' in reference:
-        print(f'PyTorch {precision}: failed: {reference["error"]}')
-      else:
-        print(f'PyTorch {precision}: {reference["images_per_second"]:.1f} img/s '
-              f'({reference.get("num_parameters")} parameters, ours '
-              f'{ours["num_parameters"]}); ours / PyTorch = '
-              f'{reference["ratio_ours_to_torch"]:.2f}')
+  for precision, reference in references.items():
+    ours = next(r for r in rows if r['precision'] == precision and r['input'] == 'synthetic')
+    reference['ratio_ours_to_torch'] = (
+        ours['images_per_second'] / reference['images_per_second']
+        if 'images_per_second' in reference else None)
+    torch_rows.append({'precision': precision, **reference})
+    if 'error' in reference:
+      print(f'PyTorch {precision}: failed: {reference["error"]}')
+    else:
+      print(f'PyTorch {precision}: {reference["images_per_second"]:.1f} img/s on '
+            f'{reference.get("device_name")} '
+            f'({"compiled" if reference.get("compiled") else "eager"}, '
+            f'{reference.get("num_parameters")} parameters, ours '
+            f'{ours["num_parameters"]}); ours / PyTorch = '
+            f'{reference["ratio_ours_to_torch"]:.2f}')
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump({'machine': machine(), 'config': config.to_dict(), 'rows': rows,
@@ -383,6 +396,7 @@ if __name__ == '__main__':
   flags.DEFINE_bool('torch', False, 'also time benchmarks/torch_reference.py (SimCLR)')
   flags.DEFINE_list('torch_flags', [], 'extra flags for it (on a GPU --channels_last and '
                     '--compile are always given)')
+  flags.DEFINE_float('torch_seconds', 300, 'time allowed each PyTorch run, compile included')
   flags.DEFINE_integer('profile_steps', 0, 'steps of each synthetic row traced for its '
                        'top ops (0: none)')
   flags.DEFINE_string('profile_dir', '', 'keep the traces here (for TensorBoard)')

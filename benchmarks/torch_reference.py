@@ -319,6 +319,8 @@ def parse_args():
                       help='bf16: autocast (parameters and the loss in fp32).')
   parser.add_argument('--channels_last', action='store_true')
   parser.add_argument('--compile', action='store_true', help='torch.compile the step.')
+  parser.add_argument('--best_on_gpu', action='store_true',
+                      help='On CUDA, also --channels_last and --compile (PyTorch at its best).')
   parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                       choices=('cpu', 'cuda'))
   parser.add_argument('--steps', type=int, default=20, help='Timed steps.')
@@ -328,6 +330,8 @@ def parse_args():
   parser.add_argument('--check', action='store_true',
                       help='Only build the network and check its parameter count.')
   args = parser.parse_args()
+  if args.best_on_gpu and args.device == 'cuda':
+    args.channels_last = args.compile = True
   if args.warmup < 1 or args.steps < 1:
     parser.error('--warmup and --steps must be >= 1 (compilation happens in the first step).')
   return args

@@ -1,6 +1,7 @@
 """The step benchmark times the trainer's step on each input through the trainer's
 input stage, and reports each row's median round."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -41,3 +42,21 @@ def test_step_profile_lists_the_steps_own_ops_by_time(config):
   assert sum(c['ms_per_step'] for c in categories.values()) == pytest.approx(
       profile['op_ms_per_step'])
   assert categories['convolution']['ms_per_step'] > 0
+
+
+def test_cost_row_of_a_step_that_does_not_fit_keeps_its_compiled_figures(config, monkeypatch):
+  """Out of device memory is the figure a no-remat row at a large batch exists to
+  show: its row says OOM and keeps what compiling measured."""
+  from benchmarks import cost  # pylint: disable=import-outside-toplevel
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to '
+                                     'allocate 151.20GiB.')
+
+  monkeypatch.setattr(step_benchmark, 'time_steps', out_of_memory)
+  row = cost.measure(config, 'SimCLR, no remat', run=True, steps=1)
+  assert row['error'] == ('out of memory: RESOURCE_EXHAUSTED: Out of memory while trying to '
+                          'allocate 151.20GiB.')
+  assert row['step_seconds'] is None
+  assert row['compiled_bytes'] > 0 and row['saved_activation_bytes'] > 0
+  assert cost._line(row).split()[5] == 'OOM'   # pylint: disable=protected-access
