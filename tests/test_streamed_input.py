@@ -338,3 +338,21 @@ def test_host_crop_boxes_are_the_on_device_crop_boxes():
       np.testing.assert_array_equal(boxes[view], np.array(expected, np.int32))
       fell_back += tuple(boxes[view, 2:]) == (height, width)
   assert fell_back > 0
+
+
+def test_views_resized_from_float_pixels_equal_views_resized_from_uint8():
+  """The stage casts an image to float32 before resizing its views (faster); the
+  views are those of resizing the uint8 crop, down and up, flipped or not."""
+  tf = sources.import_tensorflow()
+  rng = np.random.default_rng(6)
+  image = tf.constant(rng.integers(0, 256, (61, 47, 3), dtype=np.uint8))
+  for (top, left, height, width), size, flip in (((3, 5, 40, 31), 24, False),
+                                                 ((0, 0, 61, 47), 32, True),
+                                                 ((10, 2, 9, 13), 20, True)):
+    crop = image[top:top + height, left:left + width]
+    view = pipeline._resize_and_flip(tf, tf.cast(crop, tf.float32), size, tf.constant(flip))
+    expected = pipeline._to_uint8(tf, tf.image.resize(crop, [size, size], method='bicubic'))
+    if flip:
+      expected = expected[:, ::-1]
+    assert view.dtype == tf.uint8
+    np.testing.assert_array_equal(view.numpy(), expected.numpy())

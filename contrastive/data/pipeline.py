@@ -120,14 +120,17 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
       return tuple(_resize_and_flip(tf, window(*tf.unstack(boxes[v])), size, flips[v])
                    for v, size in enumerate(sizes))
 
+    # Views are resized from float32 pixels: the same values as from uint8, and
+    # faster. A whole image is cast once, not once per view.
     def from_whole_image():
-      image = _decode(tf, encoded)
+      image = tf.cast(_decode(tf, encoded), tf.float32)
       return cut_views(tf.shape(image)[:2],
                        lambda top, left, h, w: image[top:top + h, left:left + w])
 
     def from_jpeg_windows():
       shape = tf.io.extract_jpeg_shape(encoded)[:2]
-      return cut_views(shape, functools.partial(_decode_jpeg_window, tf, encoded, shape[1]))
+      return cut_views(shape, lambda *box: tf.cast(
+          _decode_jpeg_window(tf, encoded, shape[1], *box), tf.float32))
 
     cut = (tf.cond(_complete_jpeg(tf, encoded), from_jpeg_windows, from_whole_image)
            if jpeg_windows else from_whole_image())
@@ -446,8 +449,8 @@ def _decode_jpeg_window(tf, encoded, image_width, top, left, height, width):
 
 
 def _resize_and_flip(tf, crop, size: int, flip):
-  """A crop resized to size x size (bicubic, not antialiased; see ``train_iterator``),
-  then flipped if ``flip``."""
+  """A float32 crop resized to size x size (bicubic, not antialiased; see
+  ``train_iterator``), then flipped if ``flip``, as uint8."""
   view = tf.image.resize(crop, [size, size], method='bicubic')
   view = tf.cond(flip, lambda: tf.reverse(view, axis=[1]), lambda: view)
   return _to_uint8(tf, view)
