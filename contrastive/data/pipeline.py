@@ -82,9 +82,9 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
   skips only the inverse DCT and colour conversion outside it, so a window costs
   most of a full decode, and two views cost two. Measured by
   ``benchmarks/host_pipeline.py`` on 2 cores of an AMD EPYC (images/s, windows
-  against whole): two views, 532 against 657 at 224 px from 400-500 px JPEGs of
-  ~100 kB (0.81x) and 6190 against 7646 at CIFAR-10's 32 px (0.81x); one view, 924
-  against 873 (1.06x) and 4497 against 6309 (0.71x).
+  against whole): two views, 615 against 865 at 224 px from 400-500 px JPEGs of
+  ~100 kB (0.71x) and 6548 against 8602 at CIFAR-10's 32 px (0.76x); one view, 1253
+  against 1030 (1.22x) and 6097 against 7697 (0.79x).
 
   Each view is resized bicubic without antialiasing, as in SimCLR's reference
   (``tf.image.resize``'s default). Antialiasing (``scale_and_translate``) made the
