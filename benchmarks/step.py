@@ -23,11 +23,11 @@ Each row gives the compile time (apart), the step time and images/s over
 input, XLA's compiled memory (arguments + outputs + temporaries) and, where the
 backend reports it, the device's peak memory: the process's high-water mark (which
 also holds every row's state) where the row's first round raised it, else '-',
-since the mark then belongs to an earlier row. With ``--rounds=R`` the rows take R turns and report their median
-turn, so that drift in the machine's speed does not favour one input. ``--torch`` first runs
-``benchmarks/torch_reference.py`` (the same SimCLR step in PyTorch, its own
-interpreter, before JAX takes the GPU's memory) for each precision and prints
-ours / PyTorch on synthetic input.
+since the mark then belongs to an earlier row. With ``--rounds=R`` the rows take R
+turns and report their median turn, so that drift in the machine's speed does not
+favour one input. ``--torch`` first runs ``benchmarks/torch_reference.py`` (the
+same SimCLR step in PyTorch, its own interpreter, before JAX takes the GPU's
+memory) for each precision and prints ours / PyTorch on synthetic input.
 ``--profile_steps=K`` then traces K more steps of each synthetic row and prints
 its top XLA ops by time and the time by category (convolution, matmul, layout
 copies, ...; see :mod:`benchmarks.op_profile`); ``--profile_dir`` keeps the
@@ -39,9 +39,9 @@ the JSON (``--json``) has every figure and the machine.
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 

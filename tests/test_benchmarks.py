@@ -1,5 +1,6 @@
 """The step benchmark times the trainer's step on each input through the trainer's
-input stage, and reports each row's median round."""
+input stage, reports each row's median round and profiles the step's ops; the cost
+benchmark keeps a row that runs out of device memory."""
 
 import jax
 import numpy as np
