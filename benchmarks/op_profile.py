@@ -114,16 +114,18 @@ def describe_ops(hlo_text: str) -> dict[str, dict]:
 
 
 def _category(inner: list[dict]) -> tuple[str, list[str]]:
-  opcodes = [i['opcode'] for i in inner]
-  for target in sorted({i['target'] for i in inner if i['target']}):
+  """(category, the opcodes or custom-call targets that name it) of the
+  instructions an op runs."""
+  targets = sorted({i['target'] for i in inner if i['target']})
+  for target in targets:
     for category, words in _CUSTOM_TARGETS:
       if any(word in target.lower() for word in words):
         return category, [target]
+  opcodes = {i['opcode'] for i in inner}
   for category, names in _CATEGORIES:
-    found = sorted({opcode for opcode in opcodes if opcode in names})
+    found = sorted(opcodes.intersection(names))
     if found:
       return category, found
-  targets = sorted({i['target'] for i in inner if i['target']})
   return ('custom-call', targets) if targets else ('elementwise', [])
 
 
