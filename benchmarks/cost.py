@@ -143,7 +143,7 @@ def _line(row: dict) -> str:
              '-' if row['step_seconds'] is None else f'{1000 * row["step_seconds"]:.1f}')
   return (f'{row["name"]:<26}{row["batch"]:>6}{row["precision"]:>10}{seconds:>11}'
           f'{gb(row["compiled_bytes"]):>10}{gb(row["peak_device_bytes"]):>9}'
-          f'{gb(row["saved_activation_bytes"]):>12}')
+          f'{gb(row["saved_activation_bytes"]):>14}')
 
 
 def main(argv):
@@ -153,7 +153,7 @@ def main(argv):
       json.dump(measure_variant(FLAGS.variant), f, default=str)
     return
   print(f'{"":<26}{"batch":>6}{"precision":>10}{"step ms":>11}{"XLA GB":>10}'
-        f'{"peak GB":>9}{"saved act GB":>12}')
+        f'{"peak GB":>9}{"saved act GB":>14}')
   rows = []
   for index in range(len(variants())):
     rows.append(in_own_process(index))

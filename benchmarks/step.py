@@ -333,15 +333,15 @@ def _row_line(row: dict) -> str:
   peak = row['peak_device_bytes']
   depth = '-' if row['prefetch'] is None else row['prefetch']
   return (f'{row["method"]:<10}{row["model"]:<10}{row["image_size"]:>5}{row["batch"]:>6} '
-          f'{row["precision"]:<9}{row["input"]:<10}{depth:>3}'
-          f'{row["compile_seconds"]:>9.1f}{1000 * row["step_seconds"]:>10.1f}'
+          f'{row["precision"]:<10}{row["input"]:<11}{depth:>3}'
+          f'{row["compile_seconds"]:>10.1f}{1000 * row["step_seconds"]:>10.1f}'
           f'{row["images_per_second"]:>10.1f}{100 * row["input_wait_fraction"]:>8.1f}%'
           f'{(row["compiled_bytes"] or 0) / GB:>9.2f}'
           f'{"-" if peak is None else f"{peak / GB:.2f}":>9}')
 
 
-HEADER = (f'{"method":<10}{"model":<10}{"size":>5}{"batch":>6} {"precision":<9}'
-          f'{"input":<10}{"pf":>3}{"compile s":>9}{"step ms":>10}{"img/s":>10}'
+HEADER = (f'{"method":<10}{"model":<10}{"size":>5}{"batch":>6} {"precision":<10}'
+          f'{"input":<11}{"pf":>3}{"compile s":>10}{"step ms":>10}{"img/s":>10}'
           f'{"wait":>9}{"XLA GB":>9}{"peak GB":>9}')
 
 
