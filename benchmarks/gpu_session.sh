@@ -12,7 +12,7 @@
 #               and bfloat16, synthetic input, against PyTorch (AMP bf16,
 #               channels_last, torch.compile), and the top ops of 3 traced steps
 #   step_cifar  CIFAR_STEP_SECONDS=180  ResNet-18 CIFAR-10, batch 512, float32 and
-#               bfloat16, synthetic and in-memory input, against PyTorch
+#               bfloat16, synthetic and in-memory input (prefetch 2), against PyTorch
 #   cost        COST_SECONDS=300        ResNet-50 bf16: SimCLR against MoCo at batch
 #               256; SimCLR at batch 1024 (4096 over 4 GPUs) without and with remat
 #   cifar_run   CIFAR_SECONDS=240       full-width CIFAR-10 SimCLR for that long:
@@ -23,7 +23,10 @@
 # (at most 580 s), then at once, while the machine is warm,
 # `CIFAR_SECONDS=150 bash benchmarks/gpu_session.sh $OUT cifar_run`; cost in
 # another lease. The limits are estimates for an H100/H200 (JAX and torch.compile
-# compilation included), not measurements.
+# compilation included), not measurements. PyTorch runs first (JAX then holds most
+# of the GPU's memory) and each of its runs gets --torch_seconds, half of it for
+# torch.compile, after which eager mode is timed: the JAX rows keep the rest of
+# their part's time. Every figure is printed, to session.log too, as it is measured.
 #
 # OUT_DIR gets session.log (everything the parts print, appended), one JSON per
 # step and cost part and cifar_run.jsonl (the run's metrics): five files.
@@ -110,15 +113,15 @@ for part in "${parts[@]}"; do
     step_r50)
       run_part step_r50 "${R50_SECONDS:-400}" python3 -m benchmarks.step \
           --config=configs/simclr_imagenet.py --config.global_batch_size=256 \
-          --precisions=float32,bfloat16 --inputs=synthetic --torch --steps=10 --rounds=3 \
-          --profile_steps=3 --json="$out/step_r50.json" "${step_small[@]}" "${r50_small[@]}" ;;
+          --precisions=float32,bfloat16 --inputs=synthetic --torch --torch_seconds=130 \
+          --steps=10 --rounds=3 --profile_steps=3 --json="$out/step_r50.json" "${step_small[@]}" "${r50_small[@]}" ;;
     step_cifar)
       folder=$(cifar_folder) || continue
       run_part step_cifar "${CIFAR_STEP_SECONDS:-180}" python3 -m benchmarks.step \
           --config=configs/simclr_cifar10.py --config.global_batch_size=512 \
           --config.data.source=folder "--config.data.path=$folder" \
-          --precisions=float32,bfloat16 --inputs=synthetic,in_memory --torch --steps=10 \
-          --rounds=3 --json="$out/step_cifar.json" "${step_small[@]}" "${cifar_small[@]}" ;;
+          --precisions=float32,bfloat16 --inputs=synthetic,in_memory --prefetch=2 \
+          --torch --torch_seconds=70 --steps=10 --rounds=3 --json="$out/step_cifar.json" "${step_small[@]}" "${cifar_small[@]}" ;;
     cost)
       run_part cost "${COST_SECONDS:-300}" python3 -m benchmarks.cost \
           --config=configs/simclr_imagenet.py --config.model.precision=bfloat16 \

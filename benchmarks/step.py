@@ -206,7 +206,8 @@ def torch_reference(config, precision: str, steps: int, warmup: int, extra_flags
 
   Called before this process first touches a JAX device, because JAX then takes
   most of the GPU's memory for itself (XLA_PYTHON_CLIENT_PREALLOCATE) and would
-  leave PyTorch too little."""
+  leave PyTorch too little. Within `timeout`, torch.compile gets half: a slower
+  one leaves time to time eager mode (the report then says why it is eager)."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torch_reference.py')
   with tempfile.TemporaryDirectory() as folder:
     out = os.path.join(folder, 'torch.json')
@@ -218,7 +219,8 @@ def torch_reference(config, precision: str, steps: int, warmup: int, extra_flags
                f'--optimizer={"lars" if config.optim.name == "lars" else "sgd"}',
                f'--precision={"bf16" if precision == "bfloat16" else "fp32"}',
                '--best_on_gpu', f'--steps={steps}', f'--warmup={max(warmup, 1)}',
-               f'--threads={os.cpu_count()}', f'--json={out}', *extra_flags]
+               f'--threads={os.cpu_count()}', f'--json={out}',
+               *([f'--compile_seconds={timeout / 2:g}'] if timeout else []), *extra_flags]
     try:
       result = subprocess.run(command, capture_output=True, text=True, check=False,
                               timeout=timeout)
@@ -340,6 +342,16 @@ def _row_line(row: dict) -> str:
           f'{"-" if peak is None else f"{peak / GB:.2f}":>9}')
 
 
+def _torch_line(precision: str, reference: dict) -> str:
+  if 'error' in reference:
+    return f'PyTorch {precision}: failed: {reference["error"]}'
+  how = 'compiled' if reference.get('compiled') else 'eager'
+  if reference.get('compile_error'):
+    how += f'; torch.compile: {reference["compile_error"]}'
+  return (f'PyTorch {precision}: {reference["images_per_second"]:.1f} img/s on '
+          f'{reference.get("device_name")} ({how})')
+
+
 HEADER = (f'{"method":<10}{"model":<10}{"size":>5}{"batch":>6} {"precision":<10}'
           f'{"input":<11}{"pf":>3}{"compile s":>10}{"step ms":>10}{"img/s":>10}'
           f'{"wait":>9}{"XLA GB":>9}{"peak GB":>9}')
@@ -352,9 +364,10 @@ def main(argv):
   if FLAGS.torch and config.method != 'simclr':
     print(f'--torch: the PyTorch reference is SimCLR\'s step, not {config.method}\'s.')
   elif FLAGS.torch:   # first: see torch_reference
-    references = {precision: torch_reference(config, precision, FLAGS.steps, FLAGS.warmup,
+    for precision in FLAGS.precisions:
+      references[precision] = torch_reference(config, precision, FLAGS.steps, FLAGS.warmup,
                                               FLAGS.torch_flags, FLAGS.torch_seconds)
-                  for precision in FLAGS.precisions}
+      print(_torch_line(precision, references[precision]), flush=True)
   print(json.dumps(machine()))
   print(HEADER)
   rows = benchmark(config, FLAGS.precisions, FLAGS.inputs, FLAGS.prefetch, FLAGS.steps,
@@ -367,15 +380,11 @@ def main(argv):
         ours['images_per_second'] / reference['images_per_second']
         if 'images_per_second' in reference else None)
     torch_rows.append({'precision': precision, **reference})
-    if 'error' in reference:
-      print(f'PyTorch {precision}: failed: {reference["error"]}')
-    else:
-      print(f'PyTorch {precision}: {reference["images_per_second"]:.1f} img/s on '
-            f'{reference.get("device_name")} '
-            f'({"compiled" if reference.get("compiled") else "eager"}, '
-            f'{reference.get("num_parameters")} parameters, ours '
-            f'{ours["num_parameters"]}); ours / PyTorch = '
-            f'{reference["ratio_ours_to_torch"]:.2f}')
+    if 'error' not in reference:
+      print(f'{precision}: ours {ours["images_per_second"]:.1f} img/s, PyTorch '
+            f'{reference["images_per_second"]:.1f}: ours / PyTorch = '
+            f'{reference["ratio_ours_to_torch"]:.2f} (parameters: ours '
+            f'{ours["num_parameters"]}, PyTorch {reference.get("num_parameters")})')
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump({'machine': machine(), 'config': config.to_dict(), 'rows': rows,
@@ -396,7 +405,8 @@ if __name__ == '__main__':
   flags.DEFINE_bool('torch', False, 'also time benchmarks/torch_reference.py (SimCLR)')
   flags.DEFINE_list('torch_flags', [], 'extra flags for it (on a GPU --channels_last and '
                     '--compile are always given)')
-  flags.DEFINE_float('torch_seconds', 300, 'time allowed each PyTorch run, compile included')
+  flags.DEFINE_float('torch_seconds', 300, 'time allowed each PyTorch run; torch.compile '
+                     'gets half of it, and eager mode is timed where it takes longer')
   flags.DEFINE_integer('profile_steps', 0, 'steps of each synthetic row traced for its '
                        'top ops (0: none)')
   flags.DEFINE_string('profile_dir', '', 'keep the traces here (for TensorBoard)')

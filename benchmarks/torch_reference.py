@@ -25,13 +25,14 @@ steps after ``--warmup`` ones, timed apart (the first of them as
 ``compile_seconds``: torch.compile compiles there); ``images_per_second`` =
 ``batch / step_seconds``, each image counted once, not once per view; the peak
 CUDA memory of the timed steps; the last step's loss. If ``--compile`` fails (no
-compiler on the machine, say) the step runs eagerly and the report says
-``compiled: false`` with the reason.
+compiler on the machine, say) or its warmup outlasts ``--compile_seconds``, the
+step runs eagerly and the report says ``compiled: false`` with the reason.
 """
 
 import argparse
 import json
 import platform
+import signal
 import sys
 import time
 
@@ -305,6 +306,35 @@ def warm_up(args, device, compiled, views):
   return model, step, first, time.perf_counter() - started
 
 
+def warm_up_within(args, device, views, seconds):
+  """warm_up of the compiled step, interrupted by TimeoutError after `seconds`
+  (none: no limit), so that a slow torch.compile leaves time to time eager mode."""
+  if not seconds:
+    return warm_up(args, device, True, views)
+
+  message = f'torch.compile warmup took over --compile_seconds={seconds:g}'
+  expired = []
+
+  def expire(signum, frame):
+    del signum, frame
+    expired.append(True)
+    raise TimeoutError(message)
+
+  import torch._inductor.compile_fx  # pylint: disable=import-outside-toplevel,unused-import
+  # ^ imported before the alarm: one cut short leaves a half-initialised module.
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    return warm_up(args, device, True, views)
+  except Exception as error:  # torch.compile wraps the TimeoutError in its own errors
+    if expired:
+      raise TimeoutError(message) from error
+    raise
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', default='resnet50', choices=ARCHITECTURES)
@@ -319,12 +349,15 @@ def parse_args():
                       help='bf16: autocast (parameters and the loss in fp32).')
   parser.add_argument('--channels_last', action='store_true')
   parser.add_argument('--compile', action='store_true', help='torch.compile the step.')
+  parser.add_argument('--compile_seconds', type=float,
+                      help='Time eager mode instead where the compiled warmup takes longer.')
   parser.add_argument('--best_on_gpu', action='store_true',
                       help='On CUDA, also --channels_last and --compile (PyTorch at its best).')
   parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                       choices=('cpu', 'cuda'))
   parser.add_argument('--steps', type=int, default=20, help='Timed steps.')
-  parser.add_argument('--warmup', type=int, default=5, help='Untimed steps first (>= 1).')
+  parser.add_argument('--warmup', type=int, default=5,
+                      help='Untimed steps first (>= 1; >= 3 with --compile).')
   parser.add_argument('--threads', type=int, help="torch.set_num_threads; default torch's own.")
   parser.add_argument('--json', help='Also write the report to this path.')
   parser.add_argument('--check', action='store_true',
@@ -334,6 +367,10 @@ def parse_args():
     args.channels_last = args.compile = True
   if args.warmup < 1 or args.steps < 1:
     parser.error('--warmup and --steps must be >= 1 (compilation happens in the first step).')
+  if args.compile:
+    # The compiled update is compiled again at the second step, once the optimizer
+    # has momentum buffers (a guard on its empty state): keep both out of the timing.
+    args.warmup = max(args.warmup, 3)
   return args
 
 
@@ -368,7 +405,10 @@ def main():
 
   compile_error = None
   try:
-    model, step, first, warmup = warm_up(args, device, args.compile, views)
+    if args.compile:
+      model, step, first, warmup = warm_up_within(args, device, views, args.compile_seconds)
+    else:
+      model, step, first, warmup = warm_up(args, device, False, views)
   except Exception as error:  # pylint: disable=broad-except
     if not args.compile:
       raise
