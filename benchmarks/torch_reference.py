@@ -313,26 +313,32 @@ def warm_up_within(args, device, views, seconds):
     return warm_up(args, device, True, views)
 
   message = f'torch.compile warmup took over --compile_seconds={seconds:g}'
-  expired = []
+  alarm = {'armed': True, 'expired': False}
 
   def expire(signum, frame):
     del signum, frame
-    expired.append(True)
-    raise TimeoutError(message)
+    if alarm['armed']:
+      alarm['expired'] = True
+      raise TimeoutError(message)
 
   import torch._inductor.compile_fx  # pylint: disable=import-outside-toplevel,unused-import
   # ^ imported before the alarm: one cut short leaves a half-initialised module.
   previous = signal.signal(signal.SIGALRM, expire)
-  signal.setitimer(signal.ITIMER_REAL, seconds)
+  # Again every second after the first: torch may catch one and carry on compiling.
+  signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
   try:
-    return warm_up(args, device, True, views)
+    result = warm_up(args, device, True, views)
   except Exception as error:  # torch.compile wraps the TimeoutError in its own errors
-    if expired:
+    if alarm['expired']:
       raise TimeoutError(message) from error
     raise
   finally:
+    alarm['armed'] = False     # first: an alarm from here on does nothing
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, previous)
+  if alarm['expired']:   # caught inside torch, which may have fallen back to eager itself
+    raise TimeoutError(message)
+  return result
 
 
 def parse_args():
