@@ -1,4 +1,4 @@
-"""Every test sees 8 simulated CPU devices (set before JAX is imported)."""
+"""Every test sees 8 simulated CPU devices (set before JAX is imported) and no Triton."""
 
 import os
 
@@ -11,7 +11,14 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Triton loaded into a process that has loaded TensorFlow crashes it (their LLVM
+# builds clash). torch imports Triton, where installed, the first time anything
+# touches torch._dynamo, which every torch optimizer's constructor does. Nothing
+# in the suite compiles for a GPU: its processes see no Triton at all.
+sys.modules.setdefault('triton', None)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
