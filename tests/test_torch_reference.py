@@ -37,8 +37,8 @@ def _config(name, width, stem):
 
 def _layer_paths(tree, prefix=()):
   """The paths of our layers' variable dicts in the order the layers were created
-  (the order the reference lists its modules in). Only ``init``'s dicts keep that
-  order: a jitted function returns its dicts with sorted keys."""
+  (the order the reference lists its modules in). Only the dicts ``init`` builds
+  keep that order: a jitted function returns its dicts with sorted keys."""
   if all(not isinstance(value, dict) for value in tree.values()):
     yield prefix
     return
@@ -52,12 +52,26 @@ def _at(tree, path):
   return tree
 
 
-def _copy_weights(params, batch_stats, network):
+def _init_in_creation_order(model, images):
+  """(variables, their layers' paths in creation order): init compiled once
+  (run op by op, a ResNet-50's init compiles hundreds of programs), the order
+  read while it is traced."""
+  order = {}
+
+  def init(images):
+    variables = model.init(jax.random.key(0), images, train=True)
+    order.update({name: list(_layer_paths(tree)) for name, tree in variables.items()})
+    return variables
+
+  return jax.jit(init)(images), order
+
+
+def _copy_weights(params, batch_stats, order, network):
   """Loads our initial variables into the reference network, layer for layer."""
   layers = [m for m in network.modules()
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d))]
-  ours = [_at(params, path) for path in _layer_paths(params)]
-  stats = [_at(batch_stats, path) for path in _layer_paths(batch_stats)]
+  ours = [_at(params, path) for path in order['params']]
+  stats = [_at(batch_stats, path) for path in order['batch_stats']]
   assert len(layers) == len(ours), (len(layers), len(ours))
   with torch.no_grad():
     for layer, variables in zip(layers, ours):
@@ -100,14 +114,14 @@ def test_two_steps_match_ours_from_the_same_weights(name, width, stem, image_siz
   rng = np.random.default_rng(0)
   views = [rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
            for _ in range(2)]
-  variables = model.init(jax.random.key(0), jnp.concatenate(views), train=True)
+  variables, order = _init_in_creation_order(model, jnp.concatenate(views))
   params, batch_stats = variables['params'], variables['batch_stats']
 
   args = types.SimpleNamespace(model=name, width=width, stem=stem, batch=batch,
                                channels_last=False, optimizer='lars', precision='fp32',
                                temperature=config.simclr.temperature)
   network, step = torch_reference.make_step(args, torch.device('cpu'), compiled=False)
-  layers = _copy_weights(params, batch_stats, network)
+  layers = _copy_weights(params, batch_stats, order, network)
 
   lr = torch_reference.BASE_LR * batch / 256
   optimizer = optim.make_optimizer(config.optim, optax.constant_schedule(lr))
@@ -127,7 +141,6 @@ def test_two_steps_match_ours_from_the_same_weights(name, width, stem, image_siz
 
   torch_views = [torch.from_numpy(v.transpose(0, 3, 1, 2).copy()) for v in views]
   before = params
-  params_order, stats_order = list(_layer_paths(params)), list(_layer_paths(batch_stats))
   for _ in range(2):     # the second step adds the momentum of the first
     loss, params, batch_stats, opt_state = our_step(params, batch_stats, opt_state)
     reference_loss = step(*torch_views).item()
@@ -138,7 +151,7 @@ def test_two_steps_match_ours_from_the_same_weights(name, width, stem, image_siz
   # norm per step, far below the weights' own round-off scale), compared at 1e-3
   # of that change's norm: float32 gradients of two frameworks agree to ~1e-5
   # relative, while a wrong trust ratio, learning rate or momentum is off by far more.
-  for layer, path in zip(layers, params_order):
+  for layer, path in zip(layers, order['params']):
     start, end = _at(before, path), _at(params, path)
     for key, value in _as_ours(layer).items():
       want = np.asarray(end[key]) - np.asarray(start[key])
@@ -148,7 +161,7 @@ def test_two_steps_match_ours_from_the_same_weights(name, width, stem, image_siz
   # BN running means (momentum 0.9 in ours is 0.1 in torch). Torch keeps the
   # unbiased variance, Flax the biased one: only the means are comparable as-is.
   bn_layers = [l for l in layers if isinstance(l, (nn.BatchNorm1d, nn.BatchNorm2d))]
-  for layer, path in zip(bn_layers, stats_order):
+  for layer, path in zip(bn_layers, order['batch_stats']):
     statistics = _at(batch_stats, path)
     want = np.asarray(statistics['mean'])
     spread = max(np.abs(want).max(), np.sqrt(np.asarray(statistics['var']).max()))
