@@ -68,28 +68,29 @@ def saved_activations(step: step_bench.Step, state, batch) -> int:
   return int(sizes[0])
 
 
-def measure(config, name: str, run: bool, steps: int) -> dict:
+def measure(config, name: str, run: bool, steps: int, compile_step: bool = True) -> dict:
   """The variant's row; a step that does not fit in device memory is a row with
-  its compiled figures and an 'error', not a failure."""
+  its compiled figures and an 'error', not a failure. Without ``compile_step``
+  only the saved activations, which tracing alone gives."""
   step = step_bench.Step(config, num_examples=50000)
   state = jax.eval_shape(step.init_state) if not run else step.init_state()
   batch = step_bench.synthetic_batch(config, step.method, step.mesh, 50000)
-  saved = saved_activations(step, state, batch)
-  compiled, compile_seconds, analysis = step.compile(state, batch)
   row = {'name': name, 'method': config.method, 'model': config.model.name,
          'width': config.model.width, 'image_size': config.data.image_size,
          'batch': config.global_batch_size,
          'precision': models.compute_dtype(config.model).name,
-         'remat_stages': list(config.model.remat_stages), 'compile_seconds': compile_seconds,
-         'compiled_bytes': step_bench.compiled_bytes(analysis),
-         'saved_activation_bytes': saved, 'step_seconds': None, 'peak_device_bytes': None}
+         'remat_stages': list(config.model.remat_stages), 'compile_seconds': None,
+         'compiled_bytes': None, 'saved_activation_bytes': saved_activations(step, state, batch),
+         'step_seconds': None, 'peak_device_bytes': None}
+  if not compile_step:
+    return row
+  compiled, row['compile_seconds'], analysis = step.compile(state, batch)
+  row['compiled_bytes'] = step_bench.compiled_bytes(analysis)
   if run:
     try:
       _, figures = step_bench.time_steps(compiled, state, batch, step.mesh, steps, 1, None)
     except jax.errors.JaxRuntimeError as error:
-      if 'RESOURCE_EXHAUSTED' not in str(error):
-        raise
-      row['error'] = 'out of memory: ' + str(error).strip().splitlines()[0][:300]
+      row['error'] = step_bench.out_of_memory(error)
     else:
       row['step_seconds'] = figures['step_seconds']
     row['peak_device_bytes'] = step_bench.peak_device_bytes()
@@ -112,7 +113,9 @@ def measure_variant(index: int) -> dict:
   config.model.remat_stages = remat
   config.data.in_memory = True           # synthetic images, crops on the device
   config.moco.queue_size = max(config.moco.queue_size // batch, 1) * batch
-  return {**measure(config, name, run, FLAGS.steps), 'machine': step_bench.machine()}
+  return {**measure(config, name, run and not FLAGS.activations_only, FLAGS.steps,
+                   compile_step=not FLAGS.activations_only),
+          'machine': step_bench.machine()}
 
 
 def in_own_process(index: int) -> dict:
@@ -137,7 +140,7 @@ def in_own_process(index: int) -> dict:
 def _line(row: dict) -> str:
   def gb(value):
     return '-' if value is None else f'{value / GB:.2f}'
-  if 'compiled_bytes' not in row:
+  if 'saved_activation_bytes' not in row:
     return f'{row["name"]:<26}{row["batch"]:>6}  {row["error"]}'
   seconds = ('OOM' if row.get('error', '').startswith('out of memory') else
              '-' if row['step_seconds'] is None else f'{1000 * row["step_seconds"]:.1f}')
@@ -180,6 +183,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('large_batch', 4096, 'batch of the remat comparison')
   flags.DEFINE_bool('run_large', False, 'run the large-batch steps, not only compile them')
   flags.DEFINE_integer('steps', 5, 'timed steps')
+  flags.DEFINE_bool('activations_only', False,
+                    'only the activations each row keeps, from tracing: nothing is '
+                    'compiled or run, so any model and batch takes seconds on a CPU')
   flags.DEFINE_string('json', '', 'write every figure here')
   flags.DEFINE_integer('variant', -1, 'internal: measure only this row, in this process')
   flags.DEFINE_string('row_json', '', 'internal: where --variant writes its row')

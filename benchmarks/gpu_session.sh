@@ -8,7 +8,7 @@
 # in seconds (the variable beside it), after which it is stopped and the next part
 # starts, so that a command limited to 10 minutes still returns the first figures:
 #
-#   step_r50    R50_SECONDS=400         SimCLR ResNet-50 224 px, batch 256, float32
+#   step_r50    R50_SECONDS=400         SimCLR ResNet-50 224 px, batch 128, float32
 #               and bfloat16, synthetic input, against PyTorch (AMP bf16,
 #               channels_last, torch.compile), and the top ops of 3 traced steps
 #   step_cifar  CIFAR_STEP_SECONDS=180  ResNet-18 CIFAR-10, batch 512, float32 and
@@ -17,6 +17,11 @@
 #               256; SimCLR at batch 1024 (4096 over 4 GPUs) without and with remat
 #   cifar_run   CIFAR_SECONDS=240       full-width CIFAR-10 SimCLR for that long:
 #               images/s per log line and kNN every epoch
+#
+# step_r50 uses batch 128 (SimCLR's 4096 over 32 GPUs): at 256 the float32 step
+# keeps about 90 GB of activations (`python -m benchmarks.cost ... --activations_only`),
+# more than an H100 holds. Any step row or cost row that runs out of memory says
+# OOM, and the other rows go on.
 #
 # With no PART all four run (18 minutes at most). On a GPU lent for 15 minutes in
 # commands of at most 10: `bash benchmarks/gpu_session.sh $OUT step_r50 step_cifar`
@@ -60,6 +65,8 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# JAX takes 75% of the GPU by default; PyTorch has finished before JAX starts.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 
 if [ "${SMOKE:-0}" = 1 ]; then
   step_small=(--config.model.width=0.25 --steps=1 --warmup=1 --rounds=1)
@@ -112,7 +119,7 @@ for part in "${parts[@]}"; do
   case $part in
     step_r50)
       run_part step_r50 "${R50_SECONDS:-400}" python3 -m benchmarks.step \
-          --config=configs/simclr_imagenet.py --config.global_batch_size=256 \
+          --config=configs/simclr_imagenet.py --config.global_batch_size=128 \
           --precisions=float32,bfloat16 --inputs=synthetic --torch --torch_seconds=130 \
           --steps=10 --rounds=3 --profile_steps=3 --json="$out/step_r50.json" "${step_small[@]}" "${r50_small[@]}" ;;
     step_cifar)

@@ -175,6 +175,14 @@ def profile_step(compiled, state, batch, mesh, steps: int, log_dir: str, top: in
                           'step_ms': 1000 * timed['figures']['step_seconds']}
 
 
+def out_of_memory(error: jax.errors.JaxRuntimeError) -> str:
+  """A row's 'error' for a step that does not fit in device memory; any other
+  error is raised again."""
+  if 'RESOURCE_EXHAUSTED' not in str(error):
+    raise error
+  return 'out of memory: ' + str(error).strip().splitlines()[0][:300]
+
+
 def peak_device_bytes() -> int | None:
   """The allocator's high-water mark on the first local device (GPU, TPU); None
   on CPU, which keeps no such statistic."""
@@ -278,22 +286,37 @@ def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
         first = parallel.host_to_global(
             {k: v for k, v in next(batches).items() if k != 'position'}, step.mesh)
       state = step.init_state()
-      compiled, compile_seconds, analysis = step.compile(state, first)
       row = {'method': run_config.method, 'model': run_config.model.name,
              'width': run_config.model.width, 'image_size': run_config.data.image_size,
              'batch': run_config.global_batch_size, 'precision': precision,
              'remat_stages': list(run_config.model.remat_stages), 'input': source,
-             'compile_seconds': compile_seconds, 'compiled_bytes': compiled_bytes(analysis),
              'num_parameters': num_parameters(state)}
+      try:
+        compiled, row['compile_seconds'], analysis = step.compile(state, first)
+      except jax.errors.JaxRuntimeError as error:
+        entries.extend(({**row, 'prefetch': depth, 'error': out_of_memory(error)}, None)
+                       for depth in depths)
+        continue
+      row['compiled_bytes'] = compiled_bytes(analysis)
       # The prefetch depths of one input share its step, state and host batches.
       shared = {'compiled': compiled, 'state': state, 'batches': batches, 'mesh': step.mesh}
       entries.extend(({**row, 'prefetch': depth, 'rounds': []}, shared) for depth in depths)
   for _ in range(rounds):
     for row, shared in entries:
+      if 'error' in row:      # out of memory: the other rows go on
+        continue
       before = peak_device_bytes()
-      shared['state'], figures = time_steps(shared['compiled'], shared['state'],
-                                            shared['batches'], shared['mesh'], steps,
-                                            warmup, row['prefetch'])
+      try:
+        shared['state'], figures = time_steps(shared['compiled'], shared['state'],
+                                              shared['batches'], shared['mesh'], steps,
+                                              warmup, row['prefetch'])
+      except jax.errors.JaxRuntimeError as error:
+        message = out_of_memory(error)
+        for other, others_shared in entries:   # the depths that share its (donated) state
+          if others_shared is shared:
+            other['error'] = message
+        print(_row_line(row), flush=True)
+        continue
       row['rounds'].append(figures)
       if len(row['rounds']) == 1:
         peak = peak_device_bytes()
@@ -302,7 +325,7 @@ def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
     traces = profile_dir or tempfile.mkdtemp(prefix='step_profile_')
     try:
       for row, shared in entries:
-        if row['input'] == 'synthetic':
+        if row['input'] == 'synthetic' and 'error' not in row:
           shared['state'], row['profile'] = profile_step(
               shared['compiled'], shared['state'], shared['batches'], shared['mesh'],
               profile_steps, os.path.join(traces, row['precision']), profile_top)
@@ -313,8 +336,11 @@ def benchmark(config, precisions, inputs, prefetch, steps: int, warmup: int,
         shutil.rmtree(traces, ignore_errors=True)
   rows = []
   for row, _ in entries:
-    median = sorted(row['rounds'], key=lambda r: r['step_seconds'])[(rounds - 1) // 2]
-    rows.append({**row, **median, 'images_per_second': row['batch'] / median['step_seconds']})
+    if 'error' in row:
+      rows.append(row)
+    else:
+      median = sorted(row['rounds'], key=lambda r: r['step_seconds'])[(rounds - 1) // 2]
+      rows.append({**row, **median, 'images_per_second': row['batch'] / median['step_seconds']})
     print(_row_line(rows[-1]), flush=True)
   for row in rows:
     if 'profile' in row:
@@ -332,11 +358,13 @@ def _profile_lines(row: dict) -> str:
 
 
 def _row_line(row: dict) -> str:
-  peak = row['peak_device_bytes']
   depth = '-' if row['prefetch'] is None else row['prefetch']
-  return (f'{row["method"]:<10}{row["model"]:<10}{row["image_size"]:>5}{row["batch"]:>6} '
-          f'{row["precision"]:<10}{row["input"]:<11}{depth:>3}'
-          f'{row["compile_seconds"]:>10.1f}{1000 * row["step_seconds"]:>10.1f}'
+  start = (f'{row["method"]:<10}{row["model"]:<10}{row["image_size"]:>5}{row["batch"]:>6} '
+           f'{row["precision"]:<10}{row["input"]:<11}{depth:>3}')
+  if 'error' in row:
+    return f'{start}  {row["error"]}'
+  peak = row['peak_device_bytes']
+  return (f'{start}{row["compile_seconds"]:>10.1f}{1000 * row["step_seconds"]:>10.1f}'
           f'{row["images_per_second"]:>10.1f}{100 * row["input_wait_fraction"]:>8.1f}%'
           f'{(row["compiled_bytes"] or 0) / GB:>9.2f}'
           f'{"-" if peak is None else f"{peak / GB:.2f}":>9}')
@@ -378,9 +406,9 @@ def main(argv):
     ours = next(r for r in rows if r['precision'] == precision and r['input'] == 'synthetic')
     reference['ratio_ours_to_torch'] = (
         ours['images_per_second'] / reference['images_per_second']
-        if 'images_per_second' in reference else None)
+        if 'images_per_second' in reference and 'error' not in ours else None)
     torch_rows.append({'precision': precision, **reference})
-    if 'error' not in reference:
+    if reference['ratio_ours_to_torch'] is not None:
       print(f'{precision}: ours {ours["images_per_second"]:.1f} img/s, PyTorch '
             f'{reference["images_per_second"]:.1f}: ours / PyTorch = '
             f'{reference["ratio_ours_to_torch"]:.2f} (parameters: ours '

@@ -1,6 +1,7 @@
 """The step benchmark times the trainer's step on each input through the trainer's
-input stage, reports each row's median round and profiles the step's ops; the cost
-benchmark keeps a row that runs out of device memory."""
+input stage, reports each row's median round, goes on past a row that runs out of
+device memory and profiles the step's ops; the cost benchmark keeps a row that
+runs out of device memory, and traces alone give its saved activations."""
 
 import jax
 import numpy as np
@@ -23,6 +24,38 @@ def test_step_benchmark_rows_take_turns_and_report_their_median_round(config):
     assert row['images_per_second'] == config.global_batch_size / row['step_seconds']
     assert 0 <= row['input_wait_fraction'] < 1 and np.isfinite(row['loss'])
     assert row['num_parameters'] > 0 and row['compile_seconds'] > 0
+
+
+def test_a_step_row_out_of_memory_is_reported_and_the_other_rows_go_on(config, monkeypatch):
+  """A float32 row that does not fit must not cost the bfloat16 figures of the
+  same run: the row, and the prefetch depths sharing its donated state, say OOM."""
+  config.data.in_memory = True
+  real_time_steps = step_benchmark.time_steps
+
+  def time_steps(compiled, state, batches, mesh, steps, warmup, prefetch):
+    if prefetch == 0:
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying '
+                                       'to allocate 81.00GiB.')
+    return real_time_steps(compiled, state, batches, mesh, steps, warmup, prefetch)
+
+  monkeypatch.setattr(step_benchmark, 'time_steps', time_steps)
+  rows = step_benchmark.benchmark(config, ['float32'], ['synthetic', 'in_memory'], ['0', '2'],
+                                  steps=1, warmup=1, num_examples=640, rounds=2)
+  synthetic, *in_memory = rows
+  assert len(synthetic['rounds']) == 2 and synthetic['images_per_second'] > 0
+  for row in in_memory:
+    assert row['error'] == ('out of memory: RESOURCE_EXHAUSTED: Out of memory while trying '
+                            'to allocate 81.00GiB.')
+    assert 'images_per_second' not in row and row['compile_seconds'] > 0
+  assert step_benchmark._row_line(in_memory[1]).endswith(in_memory[1]['error'])  # pylint: disable=protected-access
+
+  def broken(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+
+  monkeypatch.setattr(step_benchmark, 'time_steps', broken)
+  with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
+    step_benchmark.benchmark(config, ['float32'], ['synthetic'], [], steps=1, warmup=1,
+                             num_examples=640, rounds=1)
 
 
 def test_step_profile_lists_the_steps_own_ops_by_time(config):
@@ -61,3 +94,26 @@ def test_cost_row_of_a_step_that_does_not_fit_keeps_its_compiled_figures(config,
   assert row['step_seconds'] is None
   assert row['compiled_bytes'] > 0 and row['saved_activation_bytes'] > 0
   assert cost._line(row).split()[5] == 'OOM'   # pylint: disable=protected-access
+
+
+def test_cost_activations_only_traces_what_each_variant_keeps(config):
+  """--activations_only: no compile, and the saved activations say what the MoCo v2
+  paper says (end to end back-propagates through both views: twice MoCo's one
+  view of queries) and what remat is for (it keeps a fraction)."""
+  from benchmarks import cost  # pylint: disable=import-outside-toplevel
+  rows = {}
+  for name, method, remat in [('end to end', 'simclr', ()), ('moco', 'moco', ()),
+                              ('remat', 'simclr', (1, 2, 3, 4))]:
+    variant = config.copy_and_resolve_references()
+    variant.method, variant.model.remat_stages = method, remat
+    variant.moco.queue_size = 64    # its logits would outweigh this tiny network's activations
+    rows[name] = cost.measure(variant, name, run=False, steps=1, compile_step=False)
+  for row in rows.values():
+    assert row['compiled_bytes'] is None and row['compile_seconds'] is None
+    assert row['saved_activation_bytes'] > 0
+  ratio = rows['end to end']['saved_activation_bytes'] / rows['moco']['saved_activation_bytes']
+  assert 1.9 < ratio < 2.1, ratio
+  assert rows['remat']['saved_activation_bytes'] < (
+      0.5 * rows['end to end']['saved_activation_bytes'])
+  assert cost._line(rows['remat']).split()[-1] == (  # pylint: disable=protected-access
+      f'{rows["remat"]["saved_activation_bytes"] / cost.GB:.2f}')
