@@ -19,8 +19,8 @@
 #               images/s per log line and kNN every epoch
 #
 # step_r50 uses batch 128 (SimCLR's 4096 over 32 GPUs): at 256 the float32 step
-# keeps about 90 GB of activations (`python -m benchmarks.cost ... --activations_only`),
-# more than an H100 holds. Any step row or cost row that runs out of memory says
+# keeps about 68 GB of activations (`python -m benchmarks.cost ... --activations_only`),
+# near all an H100 holds. Any step row or cost row that runs out of memory says
 # OOM, and the other rows go on.
 #
 # With no PART all four run (18 minutes at most). On a GPU lent for 15 minutes in
