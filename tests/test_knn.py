@@ -37,16 +37,20 @@ def reference_scores(bank, labels, queries, num_classes, k, temperature):
   return scores
 
 
+@pytest.mark.parametrize('devices', [8, 1])
 @pytest.mark.parametrize('k', [1, 5, 7, 20, 37, 100])
-def test_sharded_knn_chooses_the_reference_neighbours(k):
+def test_sharded_knn_chooses_the_reference_neighbours(k, devices):
   """37 bank rows on 8 devices: 5 per device, 3 padding rows (whose similarity 0
   would beat the negative ones of k = 20); k = 7 exceeds a device's rows, 100 the
   bank's. Each row its own class, so the classes that got votes are the neighbours
-  (50 queries in chunks of 16, the last one padded)."""
+  (50 queries in chunks of 16, the last one padded). On one device (a laptop's
+  run), the whole bank in one piece."""
   rng = np.random.default_rng(k)
   bank, queries = rng.normal(size=(37, 16)), rng.normal(size=(50, 16))
   labels = np.arange(37)
-  got = knn.knn_predict(bank, labels, queries, 37, parallel.make_mesh(), k=k,
+  mesh = jax.make_mesh((devices,), (parallel.AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:devices])
+  got = knn.knn_predict(bank, labels, queries, 37, mesh, k=k,
                         temperature=TEMPERATURE, chunk=16)
   want = reference_scores(bank, labels, queries, 37, min(k, 37), TEMPERATURE)
   np.testing.assert_array_equal(got > 0, want > 0)

@@ -32,9 +32,9 @@ def shard_bank(features, labels, mesh):
 
   def put(x, fill):
     def piece(index):
-      part = x[index[0]]
-      want = index[0].stop - index[0].start
-      return np.pad(part, [(0, want - len(part))] + [(0, 0)] * (x.ndim - 1),
+      start, stop, _ = index[0].indices(rows)    # slice(None) on a one-device mesh
+      part = x[start:stop]
+      return np.pad(part, [(0, stop - start - len(part))] + [(0, 0)] * (x.ndim - 1),
                     constant_values=fill)
     return jax.make_array_from_callback((rows, *x.shape[1:]), parallel.sharded(mesh),
                                         piece)
