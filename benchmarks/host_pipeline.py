@@ -201,7 +201,7 @@ def _ours(folder: str, jpeg_windows: bool, size: int, views: int, workers: int,
   import ml_collections  # pylint: disable=import-outside-toplevel
   from contrastive import config  # pylint: disable=import-outside-toplevel
   from contrastive.data import pipeline  # pylint: disable=import-outside-toplevel
-  from contrastive.data import sources  # pylint: disable=import-outside-toplevel
+  from contrastive.data import tf_import  # pylint: disable=import-outside-toplevel
   from contrastive.methods import View  # pylint: disable=import-outside-toplevel
   data = config.base_config().data
   data.update({'source': 'folder', 'path': folder, 'image_size': size})
@@ -211,7 +211,7 @@ def _ours(folder: str, jpeg_windows: bool, size: int, views: int, workers: int,
                                     seed=0, shard_index=0, shard_count=1,
                                     jpeg_windows=jpeg_windows)
   return {'windows': _rates(batches, **timing),
-          'versions': {'tensorflow': sources.import_tensorflow().__version__}}
+          'versions': {'tensorflow': tf_import.import_tensorflow().__version__}}
 
 
 class _Views:

@@ -18,7 +18,7 @@ sub-folder per class, 500 per class held out:
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 
 def get_config(arg=None):
@@ -47,10 +47,10 @@ def get_config(arg=None):
   config.data.image_size = 32
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
-  config.aug = augment.byol_augment_config(blur_prob=0.0, solarize_prob=0.0)
-  config.aug2 = augment.byol_augment_config(blur_prob=0.0, solarize_prob=0.2)
+  config.aug = augment_config.byol_augment_config(blur_prob=0.0, solarize_prob=0.0)
+  config.aug2 = augment_config.byol_augment_config(blur_prob=0.0, solarize_prob=0.2)
   for aug in (config.aug, config.aug2):
-    aug.mean, aug.std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    aug.mean, aug.std = augment_config.CIFAR10_MEAN, augment_config.CIFAR10_STD
 
   config.optim.name = 'lars'
   config.optim.base_lr = 1.0

@@ -23,7 +23,7 @@ stem).
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 
 def get_config(arg=None):
@@ -58,7 +58,7 @@ def get_config(arg=None):
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
   # Crop and flip only; the network converts RGB in [0, 1] to Lab and normalises it.
-  config.aug = augment.simclr_augment_config(blur_prob=0.0)
+  config.aug = augment_config.simclr_augment_config(blur_prob=0.0)
   config.aug.crop_area = (0.2, 1.0)
   config.aug.color_jitter_prob = 0.0
   config.aug.grayscale_prob = 0.0

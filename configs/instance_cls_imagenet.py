@@ -16,7 +16,7 @@ it was written: check them before comparing with the paper's table.
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 
 def get_config(arg=None):
@@ -45,7 +45,7 @@ def get_config(arg=None):
   config.data.source = 'tfds'
   config.data.name = 'imagenet2012'
   config.data.image_size = 224
-  config.aug = augment.moco_augment_config(version=2)
+  config.aug = augment_config.moco_augment_config(version=2)
 
   config.optim.name = 'sgd'
   config.optim.base_lr = 0.03              # x 4096 / 256 = 0.48

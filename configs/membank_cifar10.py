@@ -10,7 +10,7 @@ configs/moco_v2_cifar10.py.
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 
 def get_config(arg=None):
@@ -40,9 +40,9 @@ def get_config(arg=None):
   config.data.image_size = 32
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
-  config.aug = augment.moco_augment_config(version=1)
-  config.aug.mean = augment.CIFAR10_MEAN
-  config.aug.std = augment.CIFAR10_STD
+  config.aug = augment_config.moco_augment_config(version=1)
+  config.aug.mean = augment_config.CIFAR10_MEAN
+  config.aug.std = augment_config.CIFAR10_STD
 
   config.optim.name = 'sgd'
   config.optim.base_lr = 0.03

@@ -11,7 +11,7 @@ configs/linear_eval_moco.py).
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 
 def get_config(arg=None):
@@ -38,7 +38,7 @@ def get_config(arg=None):
   config.data.source = 'tfds'
   config.data.name = 'imagenet2012'
   config.data.image_size = 224
-  config.aug = augment.moco_augment_config(version=1)
+  config.aug = augment_config.moco_augment_config(version=1)
 
   config.optim.name = 'sgd'
   config.optim.base_lr = 0.03

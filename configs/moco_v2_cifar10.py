@@ -16,7 +16,7 @@ folder of CIFAR-10 images, one sub-folder per class, 500 per class held out:
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 ARGS = ('symmetric',)
 
@@ -52,10 +52,10 @@ def get_config(arg=None):
   config.data.image_size = 32
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
-  config.aug = augment.moco_augment_config(version=2)
+  config.aug = augment_config.moco_augment_config(version=2)
   config.aug.blur_prob = 0.0               # no blur at 32x32
-  config.aug.mean = augment.CIFAR10_MEAN
-  config.aug.std = augment.CIFAR10_STD
+  config.aug.mean = augment_config.CIFAR10_MEAN
+  config.aug.std = augment_config.CIFAR10_STD
 
   config.optim.name = 'sgd'
   config.optim.base_lr = 0.06 * 256 / 512  # 0.06 at batch 512

@@ -9,7 +9,7 @@ after 200 epochs, 71.1 after 800 (``--config.num_epochs=800``).
 """
 
 from configs import moco_v1_imagenet
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 
 def get_config(arg=None):
@@ -17,7 +17,7 @@ def get_config(arg=None):
   config.moco.temperature = 0.2
   config.head.num_layers = 2
   config.head.hidden_dim = 0               # the encoder's width: 2048 for ResNet-50
-  config.aug = augment.moco_augment_config(version=2)
+  config.aug = augment_config.moco_augment_config(version=2)
   config.optim.schedule = 'cosine'
   config.optim.decay_epochs = ()
   return config

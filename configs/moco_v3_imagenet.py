@@ -15,7 +15,7 @@ imagenet2012 must be prepared with TFDS beforehand (manual download).
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 ARGS = ('100', '300', '1000')
 
@@ -50,10 +50,10 @@ def get_config(arg=None):
   config.data.image_size = 224
   config.data.eval_crop_fraction = 0.875
   config.data.in_memory = False
-  config.aug = augment.byol_augment_config(blur_prob=1.0, solarize_prob=0.0)
-  config.aug2 = augment.byol_augment_config(blur_prob=0.1, solarize_prob=0.2)
+  config.aug = augment_config.byol_augment_config(blur_prob=1.0, solarize_prob=0.0)
+  config.aug2 = augment_config.byol_augment_config(blur_prob=0.1, solarize_prob=0.2)
   for aug in (config.aug, config.aug2):
-    aug.mean, aug.std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
+    aug.mean, aug.std = augment_config.IMAGENET_MEAN, augment_config.IMAGENET_STD
 
   config.optim.name = 'lars'
   config.optim.base_lr = 0.6 if epochs == 100 else 0.3

@@ -13,7 +13,7 @@ class, with 500 images per class held out for evaluation:
 """
 
 from contrastive.config import base_config
-from contrastive.data import augment
+from contrastive.data import augment_config
 
 
 def get_config(arg=None):
@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.data.eval_crop_fraction = 1.0
   config.data.in_memory = True
 
-  config.aug = augment.simclr_augment_config(strength=0.5, blur_prob=0.0)
+  config.aug = augment_config.simclr_augment_config(strength=0.5, blur_prob=0.0)
 
   config.optim.name = 'lars'
   config.optim.base_lr = 1.0

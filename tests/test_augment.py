@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from contrastive.data import augment
+from contrastive.data import augment_config
 
 # Everything runs jitted: op-by-op dispatch compiles every primitive on its own
 # and is much slower on CPU. A frozen config is hashable, so it can be static.
@@ -41,7 +42,7 @@ def _rgb01(shape, seed=0):
 
 def _identity_config():
   """Every random op disabled and the crop pinned to the whole image."""
-  aug = augment.simclr_augment_config()
+  aug = augment_config.simclr_augment_config()
   aug.crop_area = (1.0, 1.0)
   aug.crop_aspect = (1.0, 1.0)
   aug.flip_prob = 0.0
@@ -54,7 +55,7 @@ def _identity_config():
 
 # The full pipeline takes seconds to compile on CPU: tests that need it share
 # this config and input shape so it compiles once.
-_FULL = augment.simclr_augment_config()
+_FULL = augment_config.simclr_augment_config()
 _CROP_INPUT = (6, 24, 20)
 
 
@@ -62,14 +63,14 @@ _CROP_INPUT = (6, 24, 20)
 
 
 def test_config_defaults_and_strength():
-  aug = augment.simclr_augment_config()
+  aug = augment_config.simclr_augment_config()
   assert aug.crop_area == (0.08, 1.0)
   assert aug.crop_aspect == pytest.approx((3 / 4, 4 / 3))
   assert aug.brightness == pytest.approx(0.8)
   assert aug.hue == pytest.approx(0.2)
   assert aug.blur_prob == 0.5 and aug.solarize_prob == 0.0
   assert aug.mean is None and aug.std is None
-  weak = augment.simclr_augment_config(strength=0.5, blur_prob=0.0)
+  weak = augment_config.simclr_augment_config(strength=0.5, blur_prob=0.0)
   assert weak.contrast == pytest.approx(0.4)
   assert weak.saturation == pytest.approx(0.4)
   assert weak.hue == pytest.approx(0.1)
@@ -80,7 +81,7 @@ def test_config_mean_std_from_command_line():
   # mean/std default to None yet must accept tuples from the command line.
   argv = ['prog', '--aug.mean=(0.5,0.4,0.3)', '--aug.std=(0.2,0.2,0.2)']
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_dict('aug', augment.simclr_augment_config(),
+  config_flags.DEFINE_config_dict('aug', augment_config.simclr_augment_config(),
                                   flag_values=flag_values, sys_argv=argv)
   flag_values(argv)
   assert flag_values.aug.mean == (0.5, 0.4, 0.3)
@@ -175,7 +176,7 @@ def test_normalisation_and_eval():
 def test_under_shard_map_vmap_and_jit_with_typed_keys():
   # The train step's setting: per replica (shard_map), vmapped, jitted, with
   # new-style typed keys. Jitter and blur are off to save compile time.
-  aug = augment.simclr_augment_config(blur_prob=0.0)
+  aug = augment_config.simclr_augment_config(blur_prob=0.0)
   aug.color_jitter_prob = 0.0
   images = _images(batch=4)
   keys = jax.random.split(jax.random.key(0), 2)

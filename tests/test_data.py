@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contrastive.data import source_base
 from contrastive.data import sources
 from contrastive.methods import View
 
@@ -90,7 +91,7 @@ def test_digits_holdout_is_the_first_images_of_each_class():
     rank[members] = np.arange(len(members))
   np.testing.assert_array_equal(eval_.images, whole.images[rank < 5])
   np.testing.assert_array_equal(train.images, whole.images[rank >= 5])
-  assert sources.split_info(held, 'eval') == sources.SplitInfo('eval', 50, 10)
+  assert sources.split_info(held, 'eval') == source_base.SplitInfo('eval', 50, 10)
   assert sources.split_info(held, 'train').num_examples == 1747
 
 
@@ -155,8 +156,8 @@ def test_folder_loads_labels_and_skips_corrupt_file(image_folder, caplog):
 
 def test_folder_holdout_and_shards(image_folder):
   data = make_data(source='folder', path=image_folder, holdout_per_class=2)
-  assert sources.split_info(data, 'eval') == sources.SplitInfo('eval', 6, 3)
-  assert sources.split_info(data, 'train') == sources.SplitInfo('train', 13, 3)
+  assert sources.split_info(data, 'eval') == source_base.SplitInfo('eval', 6, 3)
+  assert sources.split_info(data, 'train') == source_base.SplitInfo('train', 13, 3)
   train = _check_nested_shards(data, 'train')
   eval_ = sources.load_arrays(data, 'eval')
   assert train.skipped + eval_.skipped == 1
@@ -224,8 +225,8 @@ def test_folder_eval_path_labels_by_class_name(train_val):
   from contrastive.data import folder  # pylint: disable=import-outside-toplevel
   train_dir, val_dir = train_val
   data = make_data(source='folder', path=train_dir, eval_path=val_dir)
-  assert sources.split_info(data, 'eval') == sources.SplitInfo('eval', 5, 3)
-  assert sources.split_info(data, 'train') == sources.SplitInfo('train', 12, 3)
+  assert sources.split_info(data, 'eval') == source_base.SplitInfo('eval', 5, 3)
+  assert sources.split_info(data, 'train') == source_base.SplitInfo('train', 12, 3)
   eval_ = sources.load_arrays(data, 'eval')
   assert eval_.num_classes == 3 and eval_.skipped == 0 and eval_.labels.dtype == np.int32
   # val/cat is label 2 as in train/, though it is val's second class folder.

@@ -7,6 +7,7 @@ from jax.sharding import Mesh
 
 from contrastive import parallel
 from contrastive.data import in_memory
+from contrastive.data import source_base
 from contrastive.data import sources
 
 TOTAL, GLOBAL_BATCH = 203, 24
@@ -17,10 +18,11 @@ def _fake_split(monkeypatch, files, unreadable=()):
   ``unreadable`` are skipped when their block is decoded."""
 
   def load(data, split, shard_index=0, shard_count=1):
-    start, stop = sources.shard_bounds(files, shard_index, shard_count)
+    start, stop = source_base.shard_bounds(files, shard_index, shard_count)
     kept = np.array([f for f in range(start, stop) if f not in unreadable], np.int32)
-    return sources.ImageArrays(np.broadcast_to(kept[:, None, None, None], (len(kept), 1, 1, 1)),
-                               kept % 10, 10, skipped=stop - start - len(kept))
+    return source_base.ImageArrays(
+        np.broadcast_to(kept[:, None, None, None], (len(kept), 1, 1, 1)), kept % 10, 10,
+        skipped=stop - start - len(kept))
 
   monkeypatch.setattr(sources, 'load_arrays', load)
 

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from contrastive.data import folder
+from contrastive.data import host_image_ops
 from contrastive.data import pipeline
 from contrastive.data import sources
+from contrastive.data import tf_import
 from contrastive.methods import View
 from tests.test_data import make_aug
 from tests.test_data import make_data
@@ -245,19 +247,19 @@ def _jpeg_variants(pixels):
 
 def test_jpeg_windows_hold_the_pixels_of_the_full_decode():
   """Noise, the hardest case for chroma upsampling; every box, the whole image too."""
-  tf = sources.import_tensorflow()
+  tf = tf_import.import_tensorflow()
   rng = np.random.default_rng(3)
   for height, width in _JPEG_SIZES:
     for kind, encoded in _jpeg_variants(rng.integers(0, 256, (height, width, 3),
                                                      dtype=np.uint8)).items():
-      full = pipeline._decode(tf, encoded).numpy()
+      full = host_image_ops.decode(tf, encoded).numpy()
       boxes = [(0, 0, height, width)]
       for _ in range(12):
         h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
         boxes.append((rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w))
       for top, left, h, w in boxes:
-        window = pipeline._decode_jpeg_window(tf, encoded, width, *(tf.constant(v, tf.int32)
-                                                                    for v in (top, left, h, w)))
+        window = host_image_ops.decode_jpeg_window(
+            tf, encoded, width, *(tf.constant(v, tf.int32) for v in (top, left, h, w)))
         np.testing.assert_array_equal(window.numpy(), full[top:top + h, left:left + w],
                                       err_msg=f'{height}x{width} {kind} {top, left, h, w}')
 
@@ -292,7 +294,7 @@ def test_views_from_jpeg_windows_equal_those_cut_from_the_whole_image(jpeg_folde
   windowed = _jpeg_window_views(jpeg_folder, jpeg_windows=True)
   _assert_same(windowed, _jpeg_window_views(jpeg_folder, jpeg_windows=False))
   # The windows were decoded: without the margin their side columns would differ.
-  monkeypatch.setattr(pipeline, '_WINDOW_MARGIN', 0)
+  monkeypatch.setattr(host_image_ops, '_WINDOW_MARGIN', 0)
   bare = _jpeg_window_views(jpeg_folder, jpeg_windows=True)
   assert any(not np.array_equal(a, b) for got, want in zip(bare, windowed)
              for a, b in zip(got['views'], want['views']))
@@ -317,22 +319,22 @@ def test_a_jpeg_cut_short_is_skipped_in_every_pass_whatever_its_windows(tmp_path
 
 def test_host_crop_boxes_are_the_on_device_crop_boxes():
   """The streamed path's crops follow the in-memory path's: for the same uniform
-  draws and image shape, ``pipeline._sample_crop_boxes`` (TensorFlow, all views at
-  once) gives exactly ``augment._crop_box``'s box (JAX), including the whole-image
+  draws and image shape, ``host_image_ops.sample_crop_boxes`` (TensorFlow, all views
+  at once) gives exactly ``augment._crop_box``'s box (JAX), including the whole-image
   fallback when no attempt fits (tall and wide images with a wide aspect range)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from contrastive.data import augment  # pylint: disable=import-outside-toplevel
-  tf = sources.import_tensorflow()
+  tf = tf_import.import_tensorflow()
   rng = np.random.default_rng(0)
   ranges = [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.2, 1.0), (0.05, 20.0)),
             ((0.9, 1.0), (0.5, 2.0))]
   fell_back = 0
   for _ in range(60):
     height, width = (int(v) for v in rng.choice([3, 17, 32, 250, 500], size=2))
-    draws = rng.uniform(size=(len(ranges), pipeline._VIEW_DRAWS)).astype(np.float32)
-    boxes = pipeline._sample_crop_boxes(tf, tf.constant([height, width]), tf.constant(draws),
-                                        [area for area, _ in ranges],
-                                        [aspect for _, aspect in ranges]).numpy()
+    draws = rng.uniform(size=(len(ranges), host_image_ops.VIEW_DRAWS)).astype(np.float32)
+    boxes = host_image_ops.sample_crop_boxes(tf, tf.constant([height, width]),
+                                             tf.constant(draws), [area for area, _ in ranges],
+                                             [aspect for _, aspect in ranges]).numpy()
     for view, (area, aspect) in enumerate(ranges):
       expected = augment._crop_box(jnp.asarray(draws[view, :-1]), height, width, area, aspect)
       np.testing.assert_array_equal(boxes[view], np.array(expected, np.int32))
@@ -343,15 +345,17 @@ def test_host_crop_boxes_are_the_on_device_crop_boxes():
 def test_views_resized_from_float_pixels_equal_views_resized_from_uint8():
   """The stage casts an image to float32 before resizing its views (faster); the
   views are those of resizing the uint8 crop, down and up, flipped or not."""
-  tf = sources.import_tensorflow()
+  tf = tf_import.import_tensorflow()
   rng = np.random.default_rng(6)
   image = tf.constant(rng.integers(0, 256, (61, 47, 3), dtype=np.uint8))
   for (top, left, height, width), size, flip in (((3, 5, 40, 31), 24, False),
                                                  ((0, 0, 61, 47), 32, True),
                                                  ((10, 2, 9, 13), 20, True)):
     crop = image[top:top + height, left:left + width]
-    view = pipeline._resize_and_flip(tf, tf.cast(crop, tf.float32), size, tf.constant(flip))
-    expected = pipeline._to_uint8(tf, tf.image.resize(crop, [size, size], method='bicubic'))
+    view = host_image_ops.resize_and_flip(tf, tf.cast(crop, tf.float32), size,
+                                          tf.constant(flip))
+    expected = host_image_ops._to_uint8(tf, tf.image.resize(crop, [size, size],
+                                                             method='bicubic'))
     if flip:
       expected = expected[:, ::-1]
     assert view.dtype == tf.uint8

@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from contrastive.data import sources
+from contrastive.data import source_base
 
 NUM_CLASSES = 10
 
 
-def load(data, split: str, shard_index: int, shard_count: int) -> sources.ImageArrays:
+def load(data, split: str, shard_index: int, shard_count: int) -> source_base.ImageArrays:
   """Block ``shard_index`` of ``shard_count`` of a split (see ``sources.load_arrays``)."""
   images, labels = _digits_split(data, split)
-  start, stop = sources.shard_bounds(len(labels), shard_index, shard_count)
+  start, stop = source_base.shard_bounds(len(labels), shard_index, shard_count)
   # Values are 0..16; scale to the full uint8 range.
   small = np.round(images[start:stop] * (255.0 / 16.0)).astype(np.uint8)
-  resized = [sources.to_rgb_square(image, data.image_size) for image in small]
-  return sources.ImageArrays(images=sources.stack_images(resized, data.image_size),
-                             labels=labels[start:stop], num_classes=NUM_CLASSES)
+  resized = [source_base.to_rgb_square(image, data.image_size) for image in small]
+  return source_base.ImageArrays(images=source_base.stack_images(resized, data.image_size),
+                                 labels=labels[start:stop], num_classes=NUM_CLASSES)
 
 
-def split_info(data, split: str) -> sources.SplitInfo:
+def split_info(data, split: str) -> source_base.SplitInfo:
   _, labels = _digits_split(data, split)
-  return sources.SplitInfo(split=split, num_examples=len(labels), num_classes=NUM_CLASSES)
+  return source_base.SplitInfo(split=split, num_examples=len(labels), num_classes=NUM_CLASSES)
 
 
 def _digits_split(data, split) -> tuple[np.ndarray, np.ndarray]:
@@ -36,5 +36,5 @@ def _digits_split(data, split) -> tuple[np.ndarray, np.ndarray]:
   digits = datasets.load_digits()
   order = np.random.default_rng(0).permutation(len(digits.target))
   images, labels = digits.images[order], digits.target[order].astype(np.int32)
-  indices = sources.holdout_indices(labels, data.holdout_per_class, split, 'digits dataset')
+  indices = source_base.holdout_indices(labels, data.holdout_per_class, split, 'digits dataset')
   return images[indices], labels[indices]

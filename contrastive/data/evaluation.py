@@ -5,7 +5,8 @@ all read their labelled splits through here: in memory, each process's block of
 a split is centre-cropped once with ``data.eval_crop_fraction`` (as the streamed
 pipeline does) and batched with the last batch padded; streamed, the tf.data
 pipeline decodes, resizes and crops. Every process yields the same number of
-full batches, the padding masked out.
+full batches, the padding masked out: the batch of ``padding.pad_batch``, which
+both paths build.
 """
 
 import dataclasses
@@ -16,10 +17,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from contrastive.data import padding
+from contrastive.data import pipeline
+from contrastive.data import source_base
 from contrastive.data import sources
 
 
-def load_split(data, split: str, held: sources.ImageArrays | None = None):
+def load_split(data, split: str, held: source_base.ImageArrays | None = None):
   """What evaluation batches are read from.
 
   In memory: this process's block of ``split`` (``held``: images already in
@@ -39,7 +43,6 @@ def batches(data, split, local_batch: int) -> Iterator[dict]:
   """One pass over a split from :func:`load_split`: ``{'image', 'label', 'mask'}``."""
   if data.in_memory:
     return padded_batches(split.images, split.labels, local_batch)
-  from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.eval_iterator(data, split.split, local_batch, jax.process_index(),
                                 jax.process_count())
 
@@ -57,27 +60,13 @@ def centre_crop(images: np.ndarray, fraction: float) -> np.ndarray:
                    for image in images])
 
 
-def pad_batch(images, labels, batch_size: int, index=None) -> dict:
-  """A possibly short batch padded to ``batch_size``: zero images, label -1,
-  ``mask`` False on the padding, so every process runs full, equal batches
-  (``index``: each image's position in the split, kept as ``index``)."""
-  n = len(labels)
-  pad = batch_size - n
-  batch = {'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
-           'label': np.pad(labels, (0, pad), constant_values=-1),
-           'mask': np.arange(batch_size) < n}
-  if index is not None:
-    batch['index'] = np.pad(np.asarray(index, np.int32), (0, pad))
-  return batch
-
-
 def padded_batches(images, labels, local_batch: int, index=None) -> Iterator[dict]:
   """In-memory split -> ``{'image', 'label', 'mask'}`` batches, the last padded
   (with ``index``, each image's position in the split, also ``'index'``)."""
   labels = np.full(len(images), -1, np.int32) if labels is None else labels
   for start in range(0, len(images), local_batch):
     window = slice(start, start + local_batch)
-    yield pad_batch(images[window], labels[window], local_batch,
+    yield padding.pad_batch(images[window], labels[window], local_batch,
                     None if index is None else index[window])
 
 

@@ -16,7 +16,7 @@ and real file is listed once, so symlink loops and second links add nothing.
 
 A split's order is its sorted paths followed by a fixed shuffle, so holdout images
 are spread over the folder and the order is the same on every host. The listing
-(``folder_split``) is shared with the streaming pipeline in ``pipeline.py``.
+(``folder_split``) is shared with the streaming pipeline's ``block_readers.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from contrastive.data import sources
+from contrastive.data import source_base
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
@@ -46,10 +46,10 @@ class FolderSplit:
   num_classes: int | None
 
 
-def load(data, split: str, shard_index: int, shard_count: int) -> sources.ImageArrays:
+def load(data, split: str, shard_index: int, shard_count: int) -> source_base.ImageArrays:
   """Block ``shard_index`` of ``shard_count`` of a split (see ``sources.load_arrays``)."""
   listing = folder_split(data, split)
-  start, stop = sources.shard_bounds(len(listing.paths), shard_index, shard_count)
+  start, stop = source_base.shard_bounds(len(listing.paths), shard_index, shard_count)
   paths = listing.paths[start:stop]
   # PIL releases the GIL while decoding and resampling pixels, the bulk of the work for
   # large images, and threads also overlap file reads on slow (network) file systems.
@@ -63,22 +63,22 @@ def load(data, split: str, shard_index: int, shard_count: int) -> sources.ImageA
     logging.warning('Skipped %d of %d image files under %s that could not be decoded: %s%s',
                     len(bad), len(paths), root, ', '.join(bad[:_NUM_SKIPPED_NAMED]),
                     ', ...' if len(bad) > _NUM_SKIPPED_NAMED else '')
-  images = sources.stack_images([image for image in decoded if image is not None],
-                                data.image_size)
+  images = source_base.stack_images([image for image in decoded if image is not None],
+                                    data.image_size)
   labels = None if listing.labels is None else listing.labels[start:stop][ok]
-  return sources.ImageArrays(images=images, labels=labels, num_classes=listing.num_classes,
-                             skipped=len(bad))
+  return source_base.ImageArrays(images=images, labels=labels, num_classes=listing.num_classes,
+                                 skipped=len(bad))
 
 
-def split_info(data, split: str) -> sources.SplitInfo:
+def split_info(data, split: str) -> source_base.SplitInfo:
   listing = folder_split(data, split)
-  return sources.SplitInfo(split=split, num_examples=len(listing.paths),
-                           num_classes=listing.num_classes)
+  return source_base.SplitInfo(split=split, num_examples=len(listing.paths),
+                               num_classes=listing.num_classes)
 
 
 def folder_split(data, split: str) -> FolderSplit:
   """Lists the files of one split: of ``data.path``, or of ``data.eval_path`` for 'eval'."""
-  sources.check_split(split)
+  source_base.check_split(split)
   root = data.path
   if not root:
     raise ValueError("data.path is empty; set it to the image folder root for source='folder'.")
@@ -100,7 +100,7 @@ def folder_split(data, split: str) -> FolderSplit:
         f'data.path={root!r} has no separate eval split: set data.eval_path to a folder '
         'of evaluation images (one sub-folder per class), or data.holdout_per_class > 0 '
         'to hold out that many images per class.')
-  indices = sources.holdout_indices(labels, data.holdout_per_class, split, f'folder {root!r}')
+  indices = source_base.holdout_indices(labels, data.holdout_per_class, split, f'folder {root!r}')
   return FolderSplit(paths=[paths[i] for i in indices], labels=labels[indices],
                      num_classes=len(class_dirs))
 
@@ -267,7 +267,7 @@ def _decode_file(path: str, size: int) -> np.ndarray | None:
       image.draft('RGB', (size, size))  # JPEG: decode at a reduced scale still >= size.
       if image.mode != 'RGB':
         image = image.convert('RGB')
-      return np.asarray(sources.fit_square(image, size))
+      return np.asarray(source_base.fit_square(image, size))
   # PIL's format plugins raise many exception types on malformed files; any of them
   # means this one file is unusable, not that loading should stop.
   except Exception:  # pylint: disable=broad-except

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from contrastive import parallel
+from contrastive.data import source_base
 from contrastive.data import sources
 
 
@@ -85,7 +86,7 @@ class InMemoryTrainData(_Sampler):
           f'The training split has {self.num_examples} images, fewer than one global '
           f'batch of {global_batch}: lower config.global_batch_size.')
 
-  def process_block(self) -> sources.ImageArrays:
+  def process_block(self) -> source_base.ImageArrays:
     """This process's block of the split in the split's order, for evaluation:
     ``load_arrays(..., process_index, process_count)`` without decoding it again."""
     return self._block

@@ -1,15 +1,10 @@
 """In-memory image sources: whole splits (or one process's block of them) as uint8 arrays.
 
 This module is the front door: it checks the arguments and hands each request to
-the module of ``data.source``: ``digits``, ``folder`` or ``tfds_source``. It also
-holds what those modules share: the split order and sharding rule, the per-class
-holdout and the resize to a square.
-
-Every split has a fixed example order that does not depend on the number of
-processes, and process ``i`` of ``c`` gets the contiguous block
-``[floor(i*N/c), floor((i+1)*N/c))``. With floor arithmetic, block ``p`` of ``P``
-is exactly the union of blocks ``p*L .. p*L+L-1`` of ``P*L``, so data sharded over
-processes can be re-sharded over local devices without moving examples.
+the module of ``data.source``: ``digits``, ``folder`` or ``tfds_source``. What
+those modules share (the split types, the split order and sharding rule, the
+per-class holdout and the resize to a square) is in ``source_base``, which they
+import instead of this module.
 
 Nothing here imports TensorFlow: accelerator hosts may not have it installed, and
 the digits and folder sources must work without it.
@@ -17,33 +12,18 @@ the digits and folder sources must work without it.
 
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
-from PIL import Image
+from contrastive.data import digits
+from contrastive.data import folder
+from contrastive.data import source_base
+from contrastive.data import tfds_source
 
 SOURCES = ('digits', 'tfds', 'folder')
-SPLITS = ('train', 'eval')
+
+_MODULES = {'digits': digits, 'folder': folder, 'tfds': tfds_source}
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageArrays:
-  """One split held in memory."""
-  images: np.ndarray          # uint8 [N, S, S, 3]
-  labels: np.ndarray | None   # int32 [N], None for an unlabelled folder
-  num_classes: int | None
-  skipped: int = 0            # corrupt/unreadable image files skipped while loading
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitInfo:
-  """Size and label count of a whole split, known without decoding its images."""
-  split: str                  # 'train' or 'eval'
-  num_examples: int           # image files listed (folder) or examples (tfds, digits)
-  num_classes: int | None
-
-
-def load_arrays(data, split: str, shard_index: int = 0, shard_count: int = 1) -> ImageArrays:
+def load_arrays(data, split: str, shard_index: int = 0,
+                shard_count: int = 1) -> source_base.ImageArrays:
   """Loads block ``shard_index`` of ``shard_count`` of a split into memory.
 
   Args:
@@ -58,121 +38,24 @@ def load_arrays(data, split: str, shard_index: int = 0, shard_count: int = 1) ->
     The block as uint8 images of shape [n, image_size, image_size, 3].
   """
   check_source(data.source)
-  check_split(split)
-  check_shard(shard_index, shard_count)
+  source_base.check_split(split)
+  source_base.check_shard(shard_index, shard_count)
   return _source_module(data).load(data, split, shard_index, shard_count)
 
 
-def split_info(data, split: str) -> SplitInfo:
+def split_info(data, split: str) -> source_base.SplitInfo:
   """Size and number of classes of a whole split, for step counts and streaming eval."""
   check_source(data.source)
-  check_split(split)
+  source_base.check_split(split)
   return _source_module(data).split_info(data, split)
 
 
 def _source_module(data):
   """The module implementing the (checked) ``data.source``."""
-  # Imported here because those modules import this one for the shared helpers.
-  # pylint: disable-next=import-outside-toplevel
-  from contrastive.data import digits, folder, tfds_source
-
-  check_eval_path(data)
-  return {'digits': digits, 'folder': folder, 'tfds': tfds_source}[data.source]
+  source_base.check_eval_path(data)
+  return _MODULES[data.source]
 
 
 def check_source(source: str) -> None:
   if source not in SOURCES:
     raise ValueError(f'Unknown data.source={source!r}; expected one of {SOURCES}.')
-
-
-def check_split(split: str) -> None:
-  if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
-
-
-def check_shard(shard_index: int, shard_count: int) -> None:
-  if shard_count < 1 or not 0 <= shard_index < shard_count:
-    raise ValueError(
-        f'Invalid shard {shard_index} of {shard_count}: need shard_count >= 1 and '
-        '0 <= shard_index < shard_count.')
-
-
-def check_eval_path(data) -> None:
-  """A separate evaluation folder only makes sense for the folder source."""
-  # .get: configs saved before the field existed lack it.
-  eval_path = data.get('eval_path') or ''
-  if eval_path and data.source != 'folder':
-    hint = ' (its eval split is data.eval_split)' if data.source == 'tfds' else ''
-    raise ValueError(f"data.eval_path={eval_path!r} is only for data.source='folder', "
-                     f'not {data.source!r}{hint}; leave data.eval_path empty.')
-
-
-def shard_bounds(total: int, shard_index: int, shard_count: int) -> tuple[int, int]:
-  """Returns the [start, stop) of a block; floor arithmetic keeps blocks nested."""
-  return total * shard_index // shard_count, total * (shard_index + 1) // shard_count
-
-
-def import_tensorflow():
-  """Imports TensorFlow with GPUs hidden, so it never takes accelerator memory from JAX.
-
-  Shared by the tfds source and the streaming pipeline (for every source).
-  """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:
-    # TensorFlow was already initialised by the caller; its device choice stands.
-    pass
-  return tf
-
-
-def holdout_indices(labels: np.ndarray, holdout_per_class: int, split: str,
-                    what: str) -> np.ndarray:
-  """Indices (in order) of one split: the first ``holdout_per_class`` of each class are 'eval'."""
-  if holdout_per_class < 0:
-    raise ValueError(f'data.holdout_per_class must be >= 0, got {holdout_per_class}.')
-  if split == 'eval' and holdout_per_class == 0:
-    raise ValueError(
-        f'The {what} has no separate eval split: set data.holdout_per_class > 0 to hold '
-        'out that many images per class for evaluation.')
-  classes, counts = np.unique(labels, return_counts=True)
-  too_small = [(int(c), int(n)) for c, n in zip(classes, counts) if n <= holdout_per_class]
-  if too_small:
-    raise ValueError(
-        f'data.holdout_per_class={holdout_per_class} would leave no training images for '
-        f'(class, count) {too_small[:5]} of the {what}; lower it.')
-  # Rank of each example among the examples of its class, in order: a stable sort
-  # groups the classes, and the rank is the position minus the group's start.
-  by_class = np.argsort(labels, kind='stable')
-  sorted_labels = labels[by_class]
-  rank = np.empty(len(labels), np.int64)
-  rank[by_class] = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels)
-  held_out = rank < holdout_per_class
-  return np.flatnonzero(held_out if split == 'eval' else ~held_out)
-
-
-def fit_square(image: Image.Image, size: int) -> Image.Image:
-  """Resizes the shorter side to ``size`` and centre-crops to size x size (one resample)."""
-  width, height = image.size
-  if (width, height) == (size, size):
-    return image
-  side = min(width, height)
-  left, top = (width - side) / 2, (height - side) / 2
-  return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
-
-
-def to_rgb_square(array: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, C] (C in 1, 3, 4) or [H, W] -> uint8 [size, size, 3]."""
-  if array.ndim == 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if array.shape[:2] == (size, size) and array.ndim == 3 and array.shape[-1] == 3:
-    return array
-  return np.asarray(fit_square(Image.fromarray(array).convert('RGB'), size))
-
-
-def stack_images(images: list[np.ndarray], size: int) -> np.ndarray:
-  """[size, size, 3] images -> [n, size, size, 3], also for n == 0."""
-  if not images:
-    return np.zeros((0, size, size, 3), np.uint8)
-  return np.stack(images)

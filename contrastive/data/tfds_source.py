@@ -2,9 +2,9 @@
 
 The configured splits (``data.train_split``, ``data.eval_split``) may be sliced
 or summed TFDS split specs such as 'train[5000:]+validation'; they are resolved
-to absolute example ranges, so the floor blocks of ``sources.shard_bounds`` work
-on them too. The builder, split and label helpers are shared with the streaming
-pipeline in ``pipeline.py``.
+to absolute example ranges, so the floor blocks of ``source_base.shard_bounds``
+work on them too. The builder, split and label helpers are shared with the
+streaming pipeline's ``block_readers.py``.
 
 TensorFlow and TensorFlow Datasets are imported only inside these functions:
 accelerator hosts may not have them installed, and the other sources must work
@@ -20,10 +20,11 @@ import textwrap
 
 import numpy as np
 
-from contrastive.data import sources
+from contrastive.data import source_base
+from contrastive.data import tf_import
 
 
-def load(data, split: str, shard_index: int, shard_count: int) -> sources.ImageArrays:
+def load(data, split: str, shard_index: int, shard_count: int) -> source_base.ImageArrays:
   """Block ``shard_index`` of ``shard_count`` of a split (see ``sources.load_arrays``)."""
   tfds = import_tfds()
   builder = tfds_builder(data)
@@ -39,26 +40,26 @@ def load(data, split: str, shard_index: int, shard_count: int) -> sources.ImageA
     # image, so batch whenever all images share one shape.
     batch_size = 1 if None in builder.info.features['image'].shape else 1024
     for batch in tfds.as_numpy(dataset.batch(batch_size)):
-      images.extend(sources.to_rgb_square(image, data.image_size) for image in batch['image'])
+      images.extend(source_base.to_rgb_square(image, data.image_size) for image in batch['image'])
       if has_label:
         labels.extend(batch['label'])
-  return sources.ImageArrays(images=sources.stack_images(images, data.image_size),
-                             labels=np.asarray(labels, np.int32) if has_label else None,
-                             num_classes=num_classes)
+  return source_base.ImageArrays(images=source_base.stack_images(images, data.image_size),
+                                 labels=np.asarray(labels, np.int32) if has_label else None,
+                                 num_classes=num_classes)
 
 
-def split_info(data, split: str) -> sources.SplitInfo:
+def split_info(data, split: str) -> source_base.SplitInfo:
   builder = tfds_builder(data)
   _, num_classes = tfds_label_info(builder, data.name)
   ranges = _tfds_ranges(builder, tfds_split_name(data, split))
-  return sources.SplitInfo(split=split,
-                           num_examples=sum(stop - start for _, start, stop in ranges),
-                           num_classes=num_classes)
+  return source_base.SplitInfo(split=split,
+                               num_examples=sum(stop - start for _, start, stop in ranges),
+                               num_classes=num_classes)
 
 
 def import_tfds():
   """Imports TensorFlow Datasets (and TensorFlow with GPUs hidden)."""
-  sources.import_tensorflow()
+  tf_import.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   return tfds
@@ -66,8 +67,8 @@ def import_tfds():
 
 def tfds_split_name(data, split: str) -> str:
   """Maps 'train'/'eval' to the configured TFDS split (which may itself be sliced)."""
-  sources.check_split(split)
-  sources.check_eval_path(data)  # Also reached by the streaming pipeline.
+  source_base.check_split(split)
+  source_base.check_eval_path(data)  # Also reached by the streaming pipeline.
   return data.train_split if split == 'train' else data.eval_split
 
 
@@ -127,7 +128,7 @@ def tfds_shard(builder, split_name: str, shard_index: int, shard_count: int):
   tfds = import_tfds()
   ranges = _tfds_ranges(builder, split_name)
   total = sum(stop - start for _, start, stop in ranges)
-  lo, hi = sources.shard_bounds(total, shard_index, shard_count)
+  lo, hi = source_base.shard_bounds(total, shard_index, shard_count)
   pieces, offset = [], 0
   for name, start, stop in ranges:
     begin, end = max(lo - offset, 0), min(hi - offset, stop - start)

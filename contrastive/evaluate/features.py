@@ -12,13 +12,14 @@ from jax.experimental import multihost_utils
 
 from contrastive import parallel
 from contrastive.data import evaluation
+from contrastive.data import padding
 
 
 def _encoded(encode_step, state, batches, mesh, local_batch: int,
              image_shape: tuple[int, int, int]):
   """(features, global batch) of each batch, in lockstep across processes."""
-  blank = evaluation.pad_batch(np.zeros((0, *image_shape), np.uint8),
-                               np.zeros(0, np.int32), local_batch)
+  blank = padding.pad_batch(np.zeros((0, *image_shape), np.uint8), np.zeros(0, np.int32),
+                            local_batch)
   for batch in evaluation.lockstep(batches, blank):
     global_batch = parallel.host_to_global(batch, mesh)
     yield encode_step(state, global_batch['image']), global_batch
