@@ -53,7 +53,7 @@ def saved_activations(step: step_bench.Step, state, batch) -> int:
     inputs = Batch(views=views, index=batch['index'])
 
     def loss(params):
-      return method.loss(ctx, params, state.batch_stats, state.method_state, inputs,
+      return method.loss(ctx, params, state.model_state, state.method_state, inputs,
                          jax.random.key(1)).loss
 
     value, backward = jax.vjp(loss, state.params)

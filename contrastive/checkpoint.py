@@ -1,7 +1,8 @@
 """Orbax checkpoints of the whole :class:`TrainState`, and resume.
 
-The state holds the step, parameters, BatchNorm statistics, optimizer state and
-the method's own state (EMA targets, queues, banks). No RNG state is stored: every
+The state holds the step, parameters, the networks' model state (BatchNorm
+statistics), optimizer state and the method's own state (EMA targets, queues,
+banks). No RNG state is stored: every
 random draw of a step is derived from ``(config.seed, step)``, so the step is
 enough. Beside the state (item ``default``) each checkpoint holds a small JSON
 record (item ``run``): the device count it was written on and, for streamed data,
@@ -11,9 +12,12 @@ A restart reads the newest checkpoint it can. One that cannot be read (a file
 truncated or missing, metadata emptied) is moved aside into
 ``checkpoints_unreadable/`` and the one before it is tried, so a damaged save
 never stops a run that has an older good one. A checkpoint whose arrays do not
-match the state the config builds is a config error, never skipped.
+match the state the config builds is a config error, never skipped. Checkpoints
+written before the model state was generic hold the BatchNorm statistics at the
+top of the state (``batch_stats``); they restore as that model state.
 """
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -24,6 +28,40 @@ from jax.experimental import multihost_utils
 
 STATE, RUN = 'default', 'run'
 UNREADABLE = 'checkpoints_unreadable'
+MODEL_STATE = 'model_state'
+LEGACY_STATISTICS = 'batch_stats'      # where older checkpoints keep the model state
+
+
+def upgraded(tree: dict) -> dict:
+  """A checkpoint's state tree in today's layout: an older one's top-level
+  BatchNorm statistics become its ``model_state``."""
+  if MODEL_STATE in tree or LEGACY_STATISTICS not in tree:
+    return tree
+  tree = dict(tree)
+  statistics = tree.pop(LEGACY_STATISTICS)
+  tree[MODEL_STATE] = {LEGACY_STATISTICS: statistics} if statistics else {}
+  return tree
+
+
+def _legacy_layout(state, directory, step) -> dict:
+  """``state``'s fields as an older checkpoint holds them (statistics at the top)."""
+  fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+  model_state = fields.pop(MODEL_STATE)
+  others = sorted(set(model_state) - {LEGACY_STATISTICS})
+  if others:
+    raise ValueError(f'The checkpoint of step {step} in {directory} predates model '
+                     f'state other than BatchNorm statistics, which this config\'s model '
+                     f'keeps ({", ".join(others)}): it cannot be resumed here; use a new '
+                     '--workdir.')
+  fields[LEGACY_STATISTICS] = model_state.get(LEGACY_STATISTICS, {})
+  return fields
+
+
+def _from_legacy_layout(restored: dict, state):
+  fields = dict(restored)
+  statistics = fields.pop(LEGACY_STATISTICS)
+  return state.replace(**fields,
+                       model_state={LEGACY_STATISTICS: statistics} if statistics else {})
 
 
 def make_manager(directory: epath.Path, keep: int) -> ocp.CheckpointManager:
@@ -67,12 +105,14 @@ def restore_newest(manager: ocp.CheckpointManager, state, num_devices: int, say,
     except Exception as err:  # pylint: disable=broad-except
       _skip(manager, step, _describe(err), say)
       continue
-    relaid = _check_shapes(saved, state, step, manager.directory,
+    legacy = MODEL_STATE not in saved and LEGACY_STATISTICS in saved
+    target = _legacy_layout(state, manager.directory, step) if legacy else state
+    relaid = _check_shapes(saved, target, step, manager.directory,
                            num_devices != run.get('num_devices', num_devices), config_hint)
     reason = ''
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardRestore(_restore_target(state, saved, relaid))}))[STATE]
+          STATE: ocp.args.StandardRestore(_restore_target(target, saved, relaid))}))[STATE]
     except Exception as err:  # pylint: disable=broad-except
       reason = _describe(err)
     # Every process must take the same checkpoint, or the next collective hangs.
@@ -80,9 +120,11 @@ def restore_newest(manager: ocp.CheckpointManager, state, num_devices: int, say,
       _skip(manager, step, reason or 'another process could not read it', say)
       continue
     if relaid:
-      restored = _relayout(restored, state, relaid)
+      restored = _relayout(restored, target, relaid)
       say(f'The checkpoint of step {step} was written on {run["num_devices"]} device(s): '
           f'its split tables are re-laid out onto {num_devices}.')
+    if legacy:
+      restored = _from_legacy_layout(restored, state)
     return Restored(restored, run)
   return Restored(state, {})
 

@@ -37,18 +37,20 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive import command_line
 from contrastive import config as config_lib
-from contrastive import export
+from contrastive import config_checks
 from contrastive import loop
 from contrastive import models
 from contrastive import parallel
 from contrastive import paths
+from contrastive import reader
 from contrastive import workdir as workdir_lib
 from contrastive.data import augment
 from contrastive.data import evaluation as eval_data
 from contrastive.data import in_memory
 from contrastive.data import sources
 from contrastive.evaluate import features as features_lib
-from contrastive.methods import View
+from contrastive.methods import View, get_method
+from contrastive.methods.contract import forward, model_state_of
 
 AXIS = parallel.AXIS
 TOP_K = (1, 5)
@@ -57,41 +59,41 @@ say = loop.say
 
 class DownstreamState(flax.struct.PyTreeNode):
   """What a downstream checkpoint holds. In linear mode ``params`` is only the
-  classifier and ``batch_stats`` the frozen backbone's statistics; the frozen
-  backbone parameters are reloaded from the pretraining workdir. Fine-tuning,
-  ``params['encoder']`` holds the backbone's parameters. With ``head_layers`` the
-  backbone's variables nest ``encoder`` and ``head`` as the pretraining checkpoint's
-  do (:class:`Backbone`)."""
+  classifier and ``model_state`` the frozen backbone's (its BatchNorm statistics);
+  the frozen backbone parameters are reloaded from the pretraining workdir.
+  Fine-tuning, ``params['encoder']`` holds the backbone's parameters. With
+  ``head_layers`` the backbone's variables nest ``encoder`` and ``head`` as the
+  pretraining checkpoint's do (:class:`Backbone`)."""
   step: jax.Array
   params: dict
-  batch_stats: dict
+  model_state: dict
   opt_state: optax.OptState
 
 
 # ----------------------------------------------------------------------------- backbone
 
 class Backbone(NamedTuple):
-  """What the classifier sits on. With ``head_layers=0`` the encoder and its own
-  variables, so such runs keep the checkpoint layout they always had."""
-  module: nn.Module       # (images, train) -> features
-  variables: dict         # {'params', 'batch_stats'}, host numpy arrays
+  """What the classifier sits on: the pretraining method's backbone. With
+  ``head_layers=0`` the backbone and its own variables, so such runs keep the
+  checkpoint layout they always had."""
+  module: nn.Module         # (images, train) -> features
+  cross_replica: nn.Module  # the same, its BatchNorm over the data axis (fine-tuning)
+  variables: dict           # Flax variables ({'params', 'batch_stats'}), host numpy
   num_features: int
 
 
-def load_backbone(config, pretrained: export.Pretrained) -> Backbone:
-  """The encoder, or with ``config.head_layers`` the encoder and that many of the
-  pretrained head's hidden layers, from the same checkpoint."""
+def load_backbone(config, pretrained: reader.Pretrained, method=None) -> Backbone:
+  """The backbone, or with ``config.head_layers`` the backbone and that many of
+  the pretrained head's hidden layers, from the same checkpoint."""
   if config.head_layers:
-    pretrained = export.with_head_layers(pretrained, config.pretrained, config.head_layers)
-  return Backbone(pretrained.encoder, pretrained.variables, pretrained.encoder.num_features)
-
-
-def _cross_replica(module: nn.Module) -> nn.Module:
-  """The backbone with its BatchNorm statistics over the data axis (fine-tuning)."""
+    pretrained = reader.with_head_layers(pretrained, config.pretrained, config.head_layers)
+  module = pretrained.encoder
+  method = method or get_method(pretrained.config.method)
+  synchronised = method.backbone(pretrained.config, AXIS)
   if isinstance(module, models.EncoderWithHeadLayers):
-    return module.clone(encoder=module.encoder.clone(bn_axis_name=AXIS),
-                        head=module.head.clone(bn_axis_name=AXIS))
-  return module.clone(bn_axis_name=AXIS)
+    synchronised = module.clone(encoder=synchronised,
+                                head=module.head.clone(bn_axis_name=AXIS))
+  return Backbone(module, synchronised, pretrained.variables, module.num_features)
 
 
 # ----------------------------------------------------------------------------- data
@@ -158,7 +160,7 @@ def init_state(mode: str, classifier, tx, backbone: Backbone, seed: int) -> Down
     if mode == 'finetune':
       params['encoder'] = variables['params']
     return DownstreamState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=variables['batch_stats'], opt_state=tx.init(params))
+                           model_state=model_state_of(variables), opt_state=tx.init(params))
 
   return initialize(jax.random.key(seed, impl='rbg'), backbone.variables)
 
@@ -167,28 +169,25 @@ def make_train_step(mode: str, backbone: nn.Module, classifier, tx, schedule, au
                     image_size: int, crop: bool, seed: int):
   """The per-replica train step ``(state, frozen, batch) -> (state, scalars)``.
 
-  ``frozen`` is the backbone's params in linear mode (an empty dict otherwise).
-  Each image's crop and flip come from its position in the global batch, so the
-  result does not depend on how the batch is split across devices.
+  ``backbone``: the frozen network in linear mode, the cross-replica one
+  fine-tuning; ``frozen`` is the backbone's params in linear mode (an empty dict
+  otherwise). Each image's crop and flip come from its position in the global
+  batch, so the result does not depend on how the batch is split across devices.
   """
   finetune = mode == 'finetune'
-  if finetune:
-    backbone = _cross_replica(backbone)
 
   def train_step(state: DownstreamState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.key(seed), state.step)
     keys = augment.global_image_keys(step_key, batch['label'].shape[0], AXIS)
     images = augment.augment_images(keys, batch['image'], aug, image_size, crop=crop)
     if not finetune:
-      features = backbone.apply({'params': frozen, 'batch_stats': state.batch_stats},
-                                images, train=False)
+      features = backbone.apply({'params': frozen, **state.model_state}, images, train=False)
 
     def loss_fn(params):
-      batch_stats = state.batch_stats
+      model_state = state.model_state
       if finetune:
-        x, updates = backbone.apply({'params': params['encoder'], 'batch_stats': batch_stats},
-                                    images, train=True, mutable=['batch_stats'])
-        batch_stats = updates['batch_stats']
+        x, model_state = forward(backbone, {'params': params['encoder'], **model_state},
+                                 images)
       else:
         x = features
       logits = classifier.apply({'params': params['classifier']}, x)
@@ -197,14 +196,14 @@ def make_train_step(mode: str, backbone: nn.Module, classifier, tx, schedule, au
       # (the transpose of the replicated -> per-replica broadcast sums the replicas).
       loss = jax.lax.pmean(optax.softmax_cross_entropy_with_integer_labels(
           logits, batch['label']).mean(), AXIS)
-      return loss, (batch_stats, logits)
+      return loss, (model_state, logits)
 
-    (loss, (batch_stats, logits)), grads = jax.value_and_grad(
+    (loss, (model_state, logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+                              model_state=model_state, opt_state=opt_state)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
     return new_state, {'loss': loss, 'learning_rate': schedule(state.step),
                        'train_accuracy': jax.lax.pmean(accuracy, AXIS)}
@@ -218,7 +217,7 @@ def make_eval_step(mode: str, backbone: nn.Module, classifier, aug):
   def eval_step(state_and_frozen, images):
     state, frozen = state_and_frozen
     params = state.params['encoder'] if mode == 'finetune' else frozen
-    features = backbone.apply({'params': params, 'batch_stats': state.batch_stats},
+    features = backbone.apply({'params': params, **state.model_state},
                               augment.preprocess_eval(images, aug), train=False)
     return classifier.apply({'params': state.params['classifier']}, features)
 
@@ -246,9 +245,9 @@ def _pretrained_step(config, manager, workdir: str) -> int | None:
   return None
 
 
-def _load_pretrained(config, step):
+def _load_pretrained(config, step, method) -> reader.Pretrained:
   try:
-    return export.load_pretrained(config.pretrained, step)
+    return reader.load_pretrained(config.pretrained, step, method=method)
   except FileNotFoundError as err:
     raise FileNotFoundError(f'config.pretrained={config.pretrained!r}: {err}') from err
 
@@ -288,25 +287,29 @@ def _streamed_batches(config, data, aug, local_batch: int, start_position: int):
            'position': batch['position']} for batch in stream)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       method=None) -> dict:
   """Trains the classifier (and, fine-tuning, the backbone); returns the figures
-  written to ``workdir/downstream.json``."""
+  written to ``workdir/downstream.json``. ``method``: the pretraining run's
+  :class:`~contrastive.methods.Method`, for one from outside the library."""
   if not config.pretrained:
     raise ValueError('config.pretrained is empty: set it to the workdir of a pretraining '
                      'run, e.g. --config.pretrained=/tmp/quickstart.')
   if not paths.resolve(config.pretrained).is_dir():
     raise FileNotFoundError(f'config.pretrained={config.pretrained!r} is not a directory: '
                             'it must be the workdir of a pretraining run.')
-  config_lib.validate_downstream(config)
+  config_checks.validate_downstream(config)
   with loop.Preemption() as preemption, \
        workdir_lib.Workdir(workdir, config.keep_checkpoints) as run_dir:
-    return _run(config, run_dir, preemption)
+    return _run(config, run_dir, preemption, method)
 
 
-def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> dict:
+def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption,
+         method=None) -> dict:
   # --- pretrained backbone
-  pretrained = _load_pretrained(config, _pretrained_step(config, run_dir, run_dir.path))
-  backbone = load_backbone(config, pretrained)
+  pretrained = _load_pretrained(config, _pretrained_step(config, run_dir, run_dir.path),
+                                method)
+  backbone = load_backbone(config, pretrained, method)
   loaded = jax.tree.map(np.array, backbone.variables)     # host copy for the final check
   data = _resolve_data(config.data, pretrained.config.data)
   aug = _train_aug(config, pretrained.config.aug)
@@ -337,7 +340,8 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> d
 
   # --- loop
   step = parallel.per_replica(
-      make_train_step(config.mode, backbone.module, classifier, opt.tx, opt.schedule,
+      make_train_step(config.mode, backbone.module if linear else backbone.cross_replica,
+                      classifier, opt.tx, opt.schedule,
                       aug, data.image_size, crop=data.in_memory, seed=config.seed),
       layout.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P()), donate_argnums=(0,))
   batches = (train_data.batches(start_step) if data.in_memory else
@@ -371,7 +375,7 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption) -> d
       'pretrained': str(paths.resolve(config.pretrained)), 'pretrained_step': pretrained.step,
   }
   if linear:
-    _check_backbone_unchanged(loaded, {'params': frozen, 'batch_stats': state.batch_stats})
+    _check_backbone_unchanged(loaded, {'params': frozen, **state.model_state})
     results['backbone_unchanged'] = True
     say(f'Backbone parameters and BatchNorm statistics are bit-identical to the '
         f'pretrained checkpoint of step {pretrained.step}.')

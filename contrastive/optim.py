@@ -64,12 +64,20 @@ def schedule_from_config(optim: ml_collections.ConfigDict, peak_lr: float,
       optim.decay_factor)
 
 
-def decay_mask(params):
-  """True for kernels; False for biases and BatchNorm parameters (all 1-D).
+# Parameters that are no weights, by their name: biases, normalisation scales (and
+# their biases), a ViT's position embedding and class token.
+NOT_WEIGHTS = ('bias', 'scale', 'pos_embed', 'cls_token')
 
-  Used for both weight decay and LARS's trust ratio, as in SimCLR.
-  """
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+def decay_mask(params):
+  """True for weights (kernels, classifier rows); False, by role, for the
+  parameters named in :data:`NOT_WEIGHTS`, whatever their rank (a ViT's position
+  embedding is 3-D). Used for both weight decay and LARS's trust ratio, as in
+  SimCLR, BYOL and MoCo v3."""
+  def is_weight(path, _):
+    last = path[-1] if path else None
+    return getattr(last, 'key', getattr(last, 'name', None)) not in NOT_WEIGHTS
+  return jax.tree_util.tree_map_with_path(is_weight, params)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:

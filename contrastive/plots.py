@@ -123,9 +123,9 @@ def plot_retrievals(workdir: str, out_path: str | None = None, num_queries: int 
   """Draws eval-split queries (drawn with ``seed``) and their k nearest training
   images among at most ``max_gallery``; returns the path."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from contrastive import export  # pylint: disable=g-import-not-at-top
+  from contrastive import reader  # pylint: disable=g-import-not-at-top
   out_path = str(out_path or paths.resolve(workdir) / 'retrievals.png')
-  pretrained = export.load_pretrained(workdir)
+  pretrained = reader.load_pretrained(workdir)
   gallery = _split_block(pretrained.config.data, 'train', max_gallery)
   queries = _split_block(pretrained.config.data, 'eval', max_gallery)
   if gallery.labels is None:
@@ -133,8 +133,8 @@ def plot_retrievals(workdir: str, out_path: str | None = None, num_queries: int 
   chosen = np.sort(np.random.default_rng(seed).choice(
       len(queries.labels), min(num_queries, len(queries.labels)), replace=False))
   neighbours, similarity = nearest_neighbours(
-      export.encode(pretrained, queries.images[chosen]),
-      export.encode(pretrained, gallery.images), k)
+      reader.encode(pretrained, queries.images[chosen]),
+      reader.encode(pretrained, gallery.images), k)
 
   rows, cols = len(chosen), neighbours.shape[1] + 1
   figure = Figure(figsize=(1.2 * cols, 1.35 * rows), layout='constrained')

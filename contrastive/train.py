@@ -1,12 +1,11 @@
 """Pretraining, one function read top to bottom: :func:`train_and_evaluate`.
 
-Sections: views, step, state, main, data pass, evaluation. Nothing here is
-specific to one method: a method is a :class:`contrastive.methods.Method`, and the
-loop, the workdir and the optimizer are :mod:`contrastive.loop`'s, shared with
-downstream evaluation.
+Sections: views, step, state, main, data pass. Nothing here is specific to one
+method: a method is a :class:`contrastive.methods.Method`, and the loop, the
+workdir and the optimizer are :mod:`contrastive.loop`'s, shared with downstream
+evaluation; the kNN monitor and the final evaluation are
+:mod:`contrastive.evaluate.monitor`'s.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,19 +14,19 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from contrastive import config as config_lib
+from contrastive import config_checks
 from contrastive import loop
 from contrastive import parallel
 from contrastive import workdir as workdir_lib
 from contrastive.data import augment
 from contrastive.data import evaluation as eval_data
 from contrastive.data import in_memory
+from contrastive.data import padding
 from contrastive.data import sources
-from contrastive.evaluate import features as features_lib
-from contrastive.evaluate import knn
-from contrastive.evaluate import linear_probe
+from contrastive.evaluate import monitor as monitor_lib
 from contrastive.evaluate import online_probe
 from contrastive.methods import Batch, Context, Method, RunInfo, TrainState, get_method
+from contrastive.methods import contract
 
 AXIS = parallel.AXIS
 say = loop.say
@@ -76,16 +75,16 @@ def make_train_step(method: Method, ctx: Context, tx, schedule,
     method_key = jax.random.fold_in(step_key, config.global_batch_size)
 
     def loss_fn(params):
-      out = method.loss(ctx, params, state.batch_stats, state.method_state, inputs,
+      out = method.loss(ctx, params, state.model_state, state.method_state, inputs,
                         method_key)
       return out.loss, out
 
     # The loss is already the global-batch loss on every replica (pmean inside),
     # so under shard_map its gradient is the global gradient: no pmean here.
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    batch_stats = out.batch_stats
+    model_state = out.model_state
     if config.model.bn == 'local':
-      batch_stats = jax.lax.pmean(batch_stats, AXIS)
+      model_state = contract.mean_statistics(model_state, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     method_state = method.update_state(ctx, state.method_state, params, out.for_update,
@@ -97,7 +96,7 @@ def make_train_step(method: Method, ctx: Context, tx, schedule,
       probe_state, probe_scalars = online_probe.update(probe, state.probe, out.features,
                                                        batch['label'], AXIS)
       scalars.update(probe_scalars)
-    new_state = state.replace(params=params, batch_stats=batch_stats,
+    new_state = state.replace(params=params, model_state=model_state,
                               opt_state=opt_state, method_state=method_state,
                               probe=probe_state)
     if config.skip_nonfinite_steps:
@@ -123,7 +122,7 @@ def make_prior_step(ctx: Context, write):
   """The per-replica step of a method's initialisation from the data."""
   def prior_step(state: TrainState, batch):
     pixels = augment.preprocess_eval(batch['image'], ctx.config.aug)
-    params, method_state = write(ctx, state.params, state.batch_stats, state.method_state,
+    params, method_state = write(ctx, state.params, state.model_state, state.method_state,
                                  pixels, batch['index'], batch['mask'])
     return state.replace(params=params, method_state=method_state)
   return prior_step
@@ -142,9 +141,13 @@ def make_epoch_step(ctx: Context, start_epoch):
 
 
 def make_encode_step(method: Method, ctx: Context):
+  """Features of the method's backbone for evaluation (kNN, probes), BN in inference."""
+  backbone = method.backbone(ctx.config)
+
   def encode_step(state: TrainState, images):
     pixels = augment.preprocess_eval(images, ctx.config.aug)
-    return method.encode(ctx.model, state.params, state.batch_stats, pixels)
+    return backbone.apply(method.backbone_variables(state.params, state.model_state),
+                          pixels, train=False)
   return encode_step
 
 
@@ -153,20 +156,22 @@ def make_encode_step(method: Method, ctx: Context):
 def _initializer(method: Method, ctx: Context, tx, probe):
   """``(params_key, method_key) -> TrainState``: the random initial state."""
   size = ctx.config.data.image_size
+  backbone = method.backbone(ctx.config)
 
   def initialize(params_key, method_key):
     # BatchNorm in inference mode: no statistics, so no mesh axis is looked for.
     variables = ctx.model.init(params_key, jnp.zeros((2, size, size, 3)), train=False)
     params = method.init_params(ctx, variables, jax.random.fold_in(method_key, 2))
+    model_state = contract.model_state_of(variables)
     probe_state = {}
     if probe is not None:
-      features = jax.eval_shape(functools.partial(method.encode, ctx.model),
-                                variables['params'], variables['batch_stats'],
-                                jnp.zeros((1, size, size, 3)))
+      features = jax.eval_shape(
+          lambda v: backbone.apply(v, jnp.zeros((1, size, size, 3)), train=False),
+          method.backbone_variables(params, model_state))
       probe_state = online_probe.init(probe, jax.random.fold_in(method_key, 1),
                                       features.shape[-1])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                      model_state=model_state, opt_state=tx.init(params),
                       method_state=method.init_state(ctx, variables, method_key),
                       probe=probe_state)
 
@@ -193,7 +198,7 @@ def state_specs(method: Method, ctx: Context, tx, probe=None) -> TrainState:
                                     transform_non_params=lambda _: False)
   spec = lambda s: P(AXIS) if s else P()
   return TrainState(step=P(), params=jax.tree.map(spec, split),
-                    batch_stats=P(), opt_state=jax.tree.map(spec, opt_split),
+                    model_state=P(), opt_state=jax.tree.map(spec, opt_split),
                     method_state=method.state_specs(ctx.config), probe=P())
 
 
@@ -209,13 +214,29 @@ def init_state(method: Method, ctx: Context, tx, mesh,
 
 def check_config(config: ml_collections.ConfigDict, method: Method) -> None:
   """The whole config, the method's section and every view's augmentation."""
+  config_checks.raise_if(_section_problems(config, method))
   problems = list(method.check_config(config))
   if config.method != method.name:
     problems.append(f'config.method={config.method!r}, but the method given is '
                     f'{method.name!r}: set config.method={method.name!r}.')
   for view in method.views(config):
-    problems += config_lib.check_augmentation(view.aug, view.field)
-  config_lib.validate_pretraining(config, extra=problems)
+    problems += config_checks.check_augmentation(view.aug, view.field)
+  config_checks.validate_pretraining(config, extra=problems)
+
+
+def _section_problems(config, method: Method) -> list[str]:
+  """The method's section is there and holds only the method's own fields."""
+  defaults = method.default_config()
+  if defaults is None:
+    return []
+  if method.name not in config:
+    return [f'config.{method.name} is missing: the {method.name!r} method reads its '
+            'section there. Start from contrastive.config.base_config(), or for a '
+            'method of your own call contrastive.config.add_method_section(config, '
+            'METHOD).']
+  unknown = sorted(set(config[method.name]) - set(defaults))
+  return [f'config.{method.name}.{name} is not a field of the {method.name!r} method; '
+          f'valid: {", ".join(defaults)}' for name in unknown]
 
 
 # ----------------------------------------------------------------------------- main
@@ -260,7 +281,7 @@ def _train(config, method: Method, run_dir: workdir_lib.Workdir,
   num_steps = loop.total_steps(config.num_epochs, steps_per_epoch)
   run = RunInfo(num_examples=num_examples, num_devices=layout.mesh.devices.size,
                 total_steps=num_steps)
-  config_lib.raise_if(method.check_run(config, run))
+  config_checks.raise_if(method.check_run(config, run))
   ctx = Context(model=method.build_model(config), config=config, run=run, axis_name=AXIS)
 
   # --- state
@@ -275,8 +296,8 @@ def _train(config, method: Method, run_dir: workdir_lib.Workdir,
   if evaluating:
     encode_step = parallel.per_replica(make_encode_step(method, ctx), layout.mesh,
                                        in_specs=(specs, P(AXIS)), out_specs=P(AXIS))
-    splits = eval_splits(config, layout,
-                         train_data.process_block() if config.data.in_memory else None)
+    splits = monitor_lib.eval_splits(
+        config, layout, train_data.process_block() if config.data.in_memory else None)
 
   state, start_step, saved_run = run_dir.resume(state, workdir_lib.config_record(config))
   write = method.init_from_data(config)
@@ -301,7 +322,7 @@ def _train(config, method: Method, run_dir: workdir_lib.Workdir,
 
   def monitor_at(done, state):
     if knn_every and (done % knn_every == 0 or done == num_steps):
-      return monitor(state, encode_step, probe, config, splits)
+      return monitor_lib.monitor(state, encode_step, probe, config, splits)
     return {}
 
   start_epoch = method.start_epoch(config)
@@ -327,11 +348,11 @@ def _train(config, method: Method, run_dir: workdir_lib.Workdir,
   encoders = {'trained': state}
   if config.eval.compare_random_init:
     encoders['random_init'] = init_state(method, ctx, opt.tx, layout.mesh, probe)
-  results = evaluate(encoders, encode_step, config, splits, probe)
+  results = monitor_lib.evaluate(encoders, encode_step, config, splits, probe)
   run_dir.write_results('eval.json', num_steps, results, {
       f'{name}/{metric}': value for name, figures in results.items()
       for metric, value in figures.items()})
-  say(format_results(results, config))
+  say(monitor_lib.format_results(results, config))
   return results
 
 
@@ -368,92 +389,10 @@ def initialise_from_data(state, prior_step, specs, layout: loop.Layout, batches,
   """``state`` after the method's per-replica ``prior_step`` saw every batch."""
   step = parallel.per_replica(prior_step, layout.mesh, in_specs=(specs, P(AXIS)),
                               out_specs=specs, donate_argnums=(0,))
-  blank = eval_data.pad_batch(np.zeros((0, image_size, image_size, 3), np.uint8),
-                              np.zeros(0, np.int32), layout.local_batch,
-                              np.zeros(0, np.int32))
+  blank = padding.pad_batch(np.zeros((0, image_size, image_size, 3), np.uint8),
+                            np.zeros(0, np.int32), layout.local_batch, np.zeros(0, np.int32))
   for batch in eval_data.lockstep(batches, blank):
     state = step(state, parallel.host_to_global(fill_padding(batch), layout.mesh))
     # One batch at a time, so that input batches do not pile up on the devices.
     jax.block_until_ready(state)
   return state
-
-
-# ----------------------------------------------------------------------------- eval
-
-def eval_splits(config, layout: loop.Layout, train_block=None) -> dict:
-  """The labelled 'train' and 'eval' splits that features are computed on
-  (``train_block``: the training images already in memory, not decoded again)."""
-  splits = {'train': eval_data.load_split(config.data, 'train', train_block),
-            'eval': eval_data.load_split(config.data, 'eval')}
-  if splits['train'].num_classes is None:
-    raise ValueError('Evaluation needs labels, and the training split has none: set '
-                     'config.eval.enabled=False and config.eval.knn_every_epochs=0 '
-                     'for an unlabelled dataset.')
-  splits['layout'] = layout
-  return splits
-
-
-def split_features(state, encode_step, config, splits, sharded=()) -> dict:
-  """(features, labels) of the whole 'train' and 'eval' splits: host numpy on every
-  process, or for the splits in ``sharded``, global arrays split along the data
-  axis (label -1 on padding), never gathered to one device or host."""
-  layout = splits['layout']
-  image_shape = (config.data.image_size,) * 2 + (3,)
-  return {split: (features_lib.sharded_features if split in sharded else
-                  features_lib.extract_features)(
-      encode_step, state,
-      eval_data.batches(config.data, splits[split], layout.eval_local_batch),
-      layout.mesh, layout.eval_local_batch, image_shape) for split in ('train', 'eval')}
-
-
-def monitor(state, encode_step, probe, config, splits) -> dict:
-  """Figures during training: kNN top-1 and the online probe's top-1 on 'eval'. The
-  training bank stays split over the devices: at ImageNet scale no host or device
-  could hold it at every monitor."""
-  features = split_features(state, encode_step, config, splits, sharded=('train',))
-  (train_x, train_y), (eval_x, eval_y) = features['train'], features['eval']
-  figures = {'monitor/knn_accuracy': knn.knn_accuracy(
-      train_x, train_y, eval_x, eval_y, splits['train'].num_classes,
-      splits['layout'].mesh, k=config.eval.knn_k, temperature=config.eval.knn_temperature)}
-  if probe is not None:
-    figures['monitor/online_probe_accuracy'] = online_probe.accuracy(
-        probe, parallel.host_copy(state.probe['params']), eval_x, eval_y)
-  return figures
-
-
-def evaluate(encoders: dict, encode_step, config, splits, probe=None) -> dict:
-  """kNN and offline linear-probe top-1 on the eval split for each encoder state,
-  and the online probe's top-1 for the 'trained' one (the only one it trained on).
-  The linear probe trains on host features, so the training features are gathered
-  to every host here (and split over the devices again for the kNN)."""
-  num_classes = splits['train'].num_classes
-  results = {}
-  for name, state in encoders.items():
-    features = split_features(state, encode_step, config, splits)
-    (train_x, train_y), (eval_x, eval_y) = features['train'], features['eval']
-    offline = linear_probe.train_linear_probe(
-        train_x, train_y, num_classes, epochs=config.eval.probe_epochs,
-        learning_rate=config.eval.probe_learning_rate, seed=config.seed)
-    results[name] = {
-        'knn_accuracy': knn.knn_accuracy(
-            train_x, train_y, eval_x, eval_y, num_classes, splits['layout'].mesh,
-            k=config.eval.knn_k, temperature=config.eval.knn_temperature),
-        'linear_probe_accuracy': linear_probe.probe_accuracy(offline, eval_x, eval_y),
-    }
-    if probe is not None and name == 'trained':
-      results[name]['online_probe_accuracy'] = online_probe.accuracy(
-          probe, parallel.host_copy(state.probe['params']), eval_x, eval_y)
-  return results
-
-
-def format_results(results: dict, config) -> str:
-  lines = [f'Evaluation on the held-out split ({config.eval.knn_k}-NN, temperature '
-           f'{config.eval.knn_temperature}; linear probe {config.eval.probe_epochs} '
-           'epochs):',
-           f'  {"encoder":<16}{"kNN top-1":>12}{"linear top-1":>15}{"online probe":>15}']
-  for name, figures in results.items():
-    online = figures.get('online_probe_accuracy')
-    lines.append(f'  {name:<16}{100 * figures["knn_accuracy"]:>11.2f}%'
-                 f'{100 * figures["linear_probe_accuracy"]:>14.2f}%'
-                 + ('' if online is None else f'{100 * online:>14.2f}%'))
-  return '\n'.join(lines)

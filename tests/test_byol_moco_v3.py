@@ -16,8 +16,10 @@ from contrastive import downstream
 from contrastive import export
 from contrastive import losses
 from contrastive import metrics
+from contrastive import reader
 from contrastive import train
 from contrastive.data import in_memory as in_memory_data
+from contrastive.formats import torch_resnet
 from contrastive.methods import Batch, Context, RunInfo, byol, get_method
 from tests import faults
 from tests import tolerances
@@ -84,7 +86,7 @@ def test_method_loss_on_8_devices_is_the_papers_loss_of_the_networks_outputs(con
                 run=RunInfo(num_examples=100, num_devices=8, total_steps=10), axis_name='data')
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 16, 3))
   variables = ctx.model.init(jax.random.key(1), images[0, :2], train=False)
-  params, stats = variables['params'], variables['batch_stats']
+  params, stats = variables['params'], {'batch_stats': variables['batch_stats']}
   state = method_.init_state(ctx, variables, jax.random.key(2))
   # The target copies encoder and projector, never the predictor.
   assert set(state['target']['params']) == {'encoder', 'head'} and 'predictor' in params
@@ -172,8 +174,8 @@ def test_killed_run_resumes_to_the_same_losses_and_target(config, tmp_path, monk
   _, variables = export.load_flax_encoder(str(tmp_path / 'byol.msgpack'))
   jax.tree.map(np.testing.assert_array_equal, variables['params'],
                states[0]['params']['encoder'])
-  pretrained = export.load_pretrained(straight)
-  state_dict = export.torchvision_state_dict(pretrained)
+  pretrained = reader.load_pretrained(straight)
+  state_dict = torch_resnet.torchvision_state_dict(pretrained)
   np.testing.assert_array_equal(
       state_dict['conv1.weight'],
       np.transpose(states[0]['params']['encoder']['stem_conv']['kernel'], (3, 2, 0, 1)))

@@ -18,9 +18,11 @@ from contrastive import config as config_lib
 from contrastive import downstream
 from contrastive import export
 from contrastive import metrics
+from contrastive import reader
 from contrastive import train
 from contrastive.data import augment
 from contrastive.data import in_memory as in_memory_data
+from contrastive.formats import torch_resnet
 from contrastive.methods import Batch, Context, RunInfo, cmc, ema
 from contrastive.models import lab_split
 from tests import faults
@@ -136,7 +138,7 @@ def test_loss_on_8_devices_matches_a_float64_reference(config, negatives, num_ne
   key = jax.random.key(3)
 
   def replica(variables, state, images, index):
-    out = cmc.loss(ctx, variables['params'], variables['batch_stats'], state,
+    out = cmc.loss(ctx, variables['params'], {'batch_stats': variables['batch_stats']}, state,
                    Batch(views=(images,), index=index), key)
     (_, anchors), _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
     keys = anchors
@@ -216,8 +218,9 @@ def test_encode_is_the_two_encoders_features_concatenated(config):
   images = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
   variables = _random_variables(model, images)
   params, stats = variables['params'], variables['batch_stats']
-  features = np.asarray(jax.jit(functools.partial(cmc.METHOD.encode, model))(
-      params, stats, images))
+  backbone = cmc.METHOD.backbone(config)
+  features = np.asarray(jax.jit(functools.partial(backbone.apply, train=False))(
+      cmc.METHOD.backbone_variables(params, {'batch_stats': stats}), images))
 
   resnet = model.encoder.view_encoder()
   assert resnet.width == config.model.width / 2
@@ -350,21 +353,21 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(runs):
 
 
 def test_export_and_downstream_give_the_trained_features(runs, tmp_path):
-  """The workdir's encoder through export.load_pretrained, the Flax file and
+  """The workdir's encoder through reader.load_pretrained, the Flax file and
   downstream's backbone loader gives the method's own features of the saved
   state; the torchvision and detectron2 dicts hold each view's ResNet under its
   prefix, with 1 and 2 input channels."""
   workdir = runs[0]
-  pretrained = export.load_pretrained(workdir)
+  pretrained = reader.load_pretrained(workdir)
   assert isinstance(pretrained.encoder, lab_split.LabSplitEncoder)
   assert pretrained.encoder.bn_axis_name is None
   state = _saved_state(workdir, 8)
-  model = cmc.METHOD.build_model(pretrained.config)
+  backbone = cmc.METHOD.backbone(pretrained.config)
   images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
-  expected = np.asarray(jax.jit(functools.partial(cmc.METHOD.encode, model))(
-      state['params'], state['batch_stats'],
+  expected = np.asarray(jax.jit(functools.partial(backbone.apply, train=False))(
+      cmc.METHOD.backbone_variables(state['params'], state['model_state']),
       augment.preprocess_eval(images, pretrained.config.aug)))
-  features = export.encode(pretrained, images, batch_size=8)
+  features = reader.encode(pretrained, images, batch_size=8)
   assert features.shape == (8, pretrained.encoder.num_features)
   np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
 
@@ -393,8 +396,8 @@ def test_export_and_downstream_give_the_trained_features(runs, tmp_path):
   assert (lab['offset'], lab['scale']) == ([50, 0, 0], [50, 110, 110])
   torch_state = safetensors_numpy.load_file(path)
   jax.tree.map(np.testing.assert_array_equal, torch_state,
-               export.torchvision_state_dict(pretrained))
-  single = export.torchvision_state_dict(pretrained._replace(
+               torch_resnet.torchvision_state_dict(pretrained))
+  single = torch_resnet.torchvision_state_dict(pretrained._replace(
       encoder=pretrained.encoder.view_encoder(),
       variables={c: tree['ab'] for c, tree in pretrained.variables.items()}))
   for view, channels in (('l', 1), ('ab', 2)):
@@ -406,8 +409,8 @@ def test_export_and_downstream_give_the_trained_features(runs, tmp_path):
     np.testing.assert_array_equal(torch_state[f'ab.{name}'], value)
 
   with pytest.raises(ValueError, match='stem'):    # detectron2 has no CIFAR stem
-    export.detectron2_state_dict(pretrained)
-  detectron2 = export.detectron2_state_dict(_imagenet_stem(pretrained))
+    torch_resnet.detectron2_state_dict(pretrained)
+  detectron2 = torch_resnet.detectron2_state_dict(_imagenet_stem(pretrained))
   assert detectron2['l.stem.conv1.weight'].shape == (2, 1, 7, 7)
   assert detectron2['ab.stem.conv1.weight'].shape == (2, 2, 7, 7)
   assert detectron2['ab.res5.0.shortcut.norm.running_var'].shape == (16,)

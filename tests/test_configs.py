@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from contrastive import config as config_lib
+from contrastive import config_checks
 from contrastive import models
 from contrastive import train
 from contrastive.methods import METHODS
@@ -45,7 +46,7 @@ def test_pretraining_config_loads_and_fits_the_schema(name):
     models.build_model(config.model, config.head)          # names and modes are valid
     if config.method == 'moco':
       assert config.moco.queue_size % config.global_batch_size == 0
-    assert config_lib.pretraining_problems(config) == []
+    assert config_checks.pretraining_problems(config) == []
     train.check_config(config, METHODS[config.method])     # its section and views too
 
 
@@ -97,11 +98,11 @@ def test_negatives_study_plans_one_run_per_mechanism_and_count():
     assert run['config'].model.to_dict() == config.base.model.to_dict()
     assert run['config'].num_epochs == config.base.num_epochs
     assert run['config'].method == run['method']
-  assert config_lib.pretraining_problems(config.base) == [
+  assert config_checks.pretraining_problems(config.base) == [
       "config.data.path=''; data.source='folder' needs the image folder"]
   config.base.data.path = '/data/cifar10/train'        # as its run command gives it
   for run in negatives.planned_runs(config):
-    config_lib.validate_pretraining(run['config'])
+    config_checks.validate_pretraining(run['config'])
   assert runs[7]['config'].moco.queue_size == 1024
   assert runs[3]['config'].membank.num_negatives == 256
   assert {r['config'].simclr.temperature for r in runs} == {config.temperature}
@@ -116,16 +117,16 @@ def test_downstream_config_loads_fits_the_schema_and_validates(name):
   for arg in (None, *getattr(module, 'ARGS', ())):
     config = module.get_config(arg)
     assert _keys(config) == _keys(config_lib.downstream_config())
-    assert config.mode in config_lib.DOWNSTREAM_MODES
-    assert config_lib.downstream_problems(config) == [        # given on the command line
+    assert config.mode in config_checks.DOWNSTREAM_MODES
+    assert config_checks.downstream_problems(config) == [        # given on the command line
         "config.pretrained=''; must be the workdir of a pretraining run"]
     config.pretrained = '/tmp/quickstart'
-    config_lib.validate_downstream(config)
+    config_checks.validate_downstream(config)
 
 
 def test_the_tiny_test_config_validates(config):
-  assert config_lib.pretraining_problems(config) == []
-  config_lib.validate_pretraining(config, extra=[])
+  assert config_checks.pretraining_problems(config) == []
+  config_checks.validate_pretraining(config, extra=[])
 
 
 # (fields set on the tiny test config (digits, 50 held out per class, eval off),
@@ -208,9 +209,9 @@ def _override(config, fields):
 def test_a_broken_pretraining_field_is_named_with_its_value(config, fields, expected):
   _override(config, fields)
   with pytest.raises(ValueError, match=re.escape(expected)) as error:
-    config_lib.validate_pretraining(config)
+    config_checks.validate_pretraining(config)
   assert '\n' not in str(error.value)                  # that one problem, nothing else
-  assert config_lib.pretraining_problems(config) == [str(error.value)]
+  assert config_checks.pretraining_problems(config) == [str(error.value)]
 
 
 def test_the_evaluation_split_of_folder_runs():
@@ -218,10 +219,10 @@ def test_the_evaluation_split_of_folder_runs():
   config = _override(quickstart.get_config(), {
       'data.source': 'folder', 'data.path': '/train', 'data.holdout_per_class': 0,
       'data.eval_path': '/val', 'eval.enabled': True})
-  config_lib.validate_pretraining(config)                # a separate eval folder
+  config_checks.validate_pretraining(config)                # a separate eval folder
   config.data.eval_path = ''
   config.eval.enabled = False
-  config_lib.validate_pretraining(config)                # no evaluation, no eval split
+  config_checks.validate_pretraining(config)                # no evaluation, no eval split
 
 
 def _downstream_config():
@@ -260,14 +261,14 @@ BROKEN_DOWNSTREAM = [
 def test_a_broken_downstream_field_is_named_with_its_value(fields, expected):
   config = _override(_downstream_config(), fields)
   with pytest.raises(ValueError, match=re.escape(expected)) as error:
-    config_lib.validate_downstream(config)
+    config_checks.validate_downstream(config)
   assert '\n' not in str(error.value)
-  assert config_lib.downstream_problems(config) == [str(error.value)]
+  assert config_checks.downstream_problems(config) == [str(error.value)]
 
 
 def test_downstream_data_left_unset_is_the_pretraining_runs_and_not_checked():
   config = _override(_downstream_config(), {'data.source': 'folder'})  # data.path inherited
-  config_lib.validate_downstream(config)
+  config_checks.validate_downstream(config)
   assert all(value is None for value in _downstream_config().data.values())
 
 
@@ -276,7 +277,7 @@ def test_every_problem_is_listed_in_one_error_with_the_callers_own(config):
                      'model.stem': 'tiny', 'data.in_memory': False})
   method_problems = ["config.moco.key_bn='shufle'; valid: shuffle, global, local"]
   with pytest.raises(ValueError) as error:
-    config_lib.validate_pretraining(config, extra=method_problems)
+    config_checks.validate_pretraining(config, extra=method_problems)
   assert str(error.value).splitlines() == [
       '6 problems in the config:',
       '  config.global_batch_size=0; must be > 0',
@@ -289,19 +290,19 @@ def test_every_problem_is_listed_in_one_error_with_the_callers_own(config):
   _override(config, {'optim.name': 'sgd', 'global_batch_size': 16, 'aug.hue': 0.1,
                      'model.stem': 'cifar', 'data.in_memory': True})
   with pytest.raises(ValueError, match=r"^config.moco.key_bn='shufle'"):
-    config_lib.validate_pretraining(config, extra=method_problems)  # one: no header
-  config_lib.validate_pretraining(config)
-  config_lib.raise_if([])
+    config_checks.validate_pretraining(config, extra=method_problems)  # one: no header
+  config_checks.validate_pretraining(config)
+  config_checks.raise_if([])
 
 
 def test_check_augmentation_names_the_view_it_checks():
-  from contrastive.data import augment  # pylint: disable=import-outside-toplevel
+  from contrastive.data import augment_config  # pylint: disable=import-outside-toplevel
   for version in (1, 2):
-    assert config_lib.check_augmentation(augment.moco_augment_config(version), 'view1') == []
-  view = augment.simclr_augment_config()
+    assert config_checks.check_augmentation(augment_config.moco_augment_config(version), 'view1') == []
+  view = augment_config.simclr_augment_config()
   view.blur_sigma = (0.0, 2.0)
   view.grayscale_prob = 2.0
-  assert config_lib.check_augmentation(view, 'moco.key_aug') == [
+  assert config_checks.check_augmentation(view, 'moco.key_aug') == [
       'config.moco.key_aug.grayscale_prob=2.0; must be in [0, 1]',
       'config.moco.key_aug.blur_sigma=(0.0, 2.0); must be a pair 0 < lo <= hi']
 
@@ -309,11 +310,11 @@ def test_check_augmentation_names_the_view_it_checks():
 def test_validation_needs_neither_tensorflow_nor_data():
   code = ('import sys\n'
           'from configs import simclr_cifar10\n'
-          'from contrastive import config as c\n'
+          'from contrastive import config_checks\n'
           'cfg = simclr_cifar10.get_config()\n'
           "cfg.optim.name = 'lamb'\n"
           'try:\n'
-          '  c.validate_pretraining(cfg)\n'
+          '  config_checks.validate_pretraining(cfg)\n'
           'except ValueError as err:\n'
           '  print(err)\n'
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n")

@@ -23,8 +23,9 @@ from contrastive import metrics
 from contrastive import models
 from contrastive import parallel
 from contrastive import train
-from contrastive.data import augment
+from contrastive.data import augment_config
 from contrastive.methods import Batch, Context, LossOutput, Method, View, ema
+from contrastive.methods.contract import forward
 from contrastive.models.heads import ProjectionHead
 
 
@@ -67,31 +68,29 @@ def init_state(ctx: Context, variables, key):
   return {'target': ema.init(variables)}
 
 
-def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
+def loss(ctx: Context, params, model_state, method_state, batch: Batch, key) -> LossOutput:
   """2 - 2 cos(prediction of one view, target projection of the other), both ways."""
   del key
   seen_view_shapes.append(tuple(view.shape for view in batch.views))
-  variables = {'params': params, 'batch_stats': batch_stats}
   predictions, features = [], None
   for view in batch.views:                        # different sizes: one pass each
-    (view_features, _, prediction), updates = ctx.model.apply(
-        variables, view, train=True, mutable=['batch_stats'])
-    variables = {'params': params, 'batch_stats': updates['batch_stats']}
+    (view_features, _, prediction), model_state = forward(
+        ctx.model, {'params': params, **model_state}, view)
     features = view_features if features is None else features
     predictions.append(prediction)
   target, targets = method_state['target'], []
   for view in batch.views:
-    (_, projection), updates = ctx.model.apply(
-        target, view, train=True, mutable=['batch_stats'], method=Online.project)
-    targets.append(jax.lax.stop_gradient(projection))
-    target = {'params': target['params'], 'batch_stats': updates['batch_stats']}
+    (_, projection), target_state = ema.forward(ctx.model, target, view,
+                                                method=Online.project)
+    targets.append(projection)
+    target = {'params': target['params'], **target_state}
   value = 0.0
   for prediction, other_view in zip(predictions, reversed(targets)):
     cosine = jnp.sum(losses.l2_normalize(prediction) * losses.l2_normalize(other_view), -1)
     value += jnp.mean(2.0 - 2.0 * cosine)
   value = jax.lax.pmean(value, ctx.axis_name)       # the global-batch loss
-  return LossOutput(loss=value, batch_stats=variables['batch_stats'], features=features,
-                    for_update=target['batch_stats'])
+  return LossOutput(loss=value, model_state=model_state, features=features,
+                    for_update=target_state)
 
 
 def update_state(ctx: Context, method_state, params, for_update, step):
@@ -101,14 +100,9 @@ def update_state(ctx: Context, method_state, params, for_update, step):
   return {'target': ema.update(method_state['target'], params, for_update, momentum)}
 
 
-def encode(model, params, batch_stats, images):
-  return model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                     train=False, method=lambda m, x, train: m.encoder(x, train=train))
-
-
 COSINE_EMA = Method(name='cosine_ema', loss=loss, build_model=build_model, views=views,
                     check_config=check_config, init_state=init_state,
-                    update_state=update_state, encode=encode)
+                    update_state=update_state)
 seen_view_shapes = []
 
 
@@ -116,7 +110,7 @@ def _config(config):
   config.method = 'cosine_ema'
   config.cosine = ml_collections.ConfigDict(
       {'momentum': 0.9, 'momentum_schedule': 'cosine', 'target_size': 12})
-  config.target_aug = augment.simclr_augment_config(strength=0.5, blur_prob=0.0)
+  config.target_aug = augment_config.simclr_augment_config(strength=0.5, blur_prob=0.0)
   config.target_aug.solarize_prob = 0.2
   config.eval.enabled = True
   config.eval.compare_random_init = False
@@ -137,7 +131,8 @@ def test_a_method_defined_here_trains_through_the_trainer_on_8_devices(config, t
   assert steps == list(range(1, 9))                 # 0.1 epoch of 1297 images / 16
   assert all(0.0 <= records[s]['loss'] <= 8.0 for s in steps)
   assert len({records[s]['loss'] for s in steps}) > 1
-  # The online probe trained on the method's features; evaluation used its encode.
+  # The online probe trained on the method's features; evaluation used its backbone
+  # (the default: the network under 'encoder').
   assert 0.0 <= results['trained']['knn_accuracy'] <= 1.0
   assert 'online_probe_accuracy' in results['trained']
 

@@ -14,10 +14,13 @@ import pytest
 
 from configs import linear_eval_moco
 from contrastive import config as config_lib
+from contrastive import config_checks
 from contrastive import downstream
 from contrastive import export
 from contrastive import metrics
+from contrastive import reader
 from contrastive.data import in_memory
+from contrastive.formats import torch_resnet
 from contrastive.models import heads
 from tests import faults
 from tests import tolerances
@@ -82,13 +85,13 @@ def test_linear_evaluation_end_to_end(linear_run, pretrained_workdir):
   final = metrics.read_metrics(workdir)[results['steps']]
   assert final['eval/top1_accuracy'] == pytest.approx(results['top1_accuracy'])
   # The checkpointed BN statistics are still the pretrained ones.
-  pretrained = export.load_pretrained(pretrained_workdir)
-  assert _trees_equal(_restore_final_state(workdir)['batch_stats'],
+  pretrained = reader.load_pretrained(pretrained_workdir)
+  assert _trees_equal(_restore_final_state(workdir)['model_state']['batch_stats'],
                       pretrained.variables['batch_stats'])
 
 
 def test_backbone_check_sees_one_changed_value(pretrained_workdir):
-  variables = export.load_pretrained(pretrained_workdir).variables
+  variables = reader.load_pretrained(pretrained_workdir).variables
   downstream._check_backbone_unchanged(variables, jax.tree.map(np.copy, variables))
   changed = jax.tree.map(np.copy, variables)
   leaf = jax.tree.leaves(changed['batch_stats'])[0]
@@ -121,9 +124,9 @@ def test_finetune_trains_the_backbone(pretrained_workdir, tmp_path):
   assert 0.0 <= results['top1_accuracy'] <= results['top5_accuracy'] <= 1.0
   assert 'backbone_unchanged' not in results
   state = _restore_final_state(str(tmp_path))
-  pretrained = export.load_pretrained(pretrained_workdir)
+  pretrained = reader.load_pretrained(pretrained_workdir)
   for collection, trained in (('params', state['params']['encoder']),
-                              ('batch_stats', state['batch_stats'])):
+                              ('batch_stats', state['model_state']['batch_stats'])):
     before = jax.tree.leaves(pretrained.variables[collection])
     after = jax.tree.leaves(trained)
     assert len(before) == len(after)
@@ -200,7 +203,7 @@ def test_config_files_fit_the_schema(name):
     config = module.get_config(arg)
     assert config.to_dict().keys() == schema.keys()
     assert config.optim.to_dict().keys() == schema['optim'].keys()
-    assert config.mode in config_lib.DOWNSTREAM_MODES
+    assert config.mode in config_checks.DOWNSTREAM_MODES
 
 
 def test_protocol_recipes():
@@ -232,7 +235,7 @@ def test_protocol_recipes():
 
 def test_kept_head_layer_is_the_pretrained_head_first_layer(pretrained_workdir):
   """Against the pretraining checkpoint's own arrays, BN in inference mode."""
-  pretrained = export.load_pretrained(pretrained_workdir)
+  pretrained = reader.load_pretrained(pretrained_workdir)
   backbone = downstream.load_backbone(_config(pretrained_workdir, head_layers=1), pretrained)
   saved = _restore_final_state(pretrained_workdir)
   assert set(backbone.variables['params']['head']) == {'Dense_0', 'BatchNorm_0'}
@@ -242,7 +245,7 @@ def test_kept_head_layer_is_the_pretrained_head_first_layer(pretrained_workdir):
       backbone.module.apply(variables, images, train=False)))(pretrained.variables,
                                                               backbone.variables)
   dense, bn = saved['params']['head']['Dense_0'], saved['params']['head']['BatchNorm_0']
-  stats = saved['batch_stats']['head']['BatchNorm_0']
+  stats = saved['model_state']['batch_stats']['head']['BatchNorm_0']
   assert 'bias' not in dense                       # use_bn: the Dense has no bias
   x = np.asarray(features) @ dense['kernel']
   expected = np.maximum((x - stats['mean']) / np.sqrt(stats['var'] + 1e-5) * bn['scale']
@@ -258,15 +261,15 @@ def test_export_with_the_head_layer_gives_the_downstream_backbone(pretrained_wor
   ``head.1`` (BatchNorm1d), applied as torch would, give them from the
   encoder's features; detectron2 refuses."""
   backbone = downstream.load_backbone(_config(pretrained_workdir, head_layers=1),
-                                      export.load_pretrained(pretrained_workdir))
+                                      reader.load_pretrained(pretrained_workdir))
   export.export_flax(pretrained_workdir, str(tmp_path / 'v2.msgpack'), head_layers=1)
   module, variables = export.load_flax_encoder(str(tmp_path / 'v2.msgpack'))
   images = np.random.default_rng(1).uniform(size=(4, 16, 16, 3)).astype(np.float32)
   want = np.asarray(backbone.module.apply(backbone.variables, images, train=False))
   np.testing.assert_array_equal(module.apply(variables, images, train=False), want)
 
-  pretrained = export.load_pretrained(pretrained_workdir, head_layers=1)
-  state = export.torchvision_state_dict(pretrained)
+  pretrained = reader.load_pretrained(pretrained_workdir, head_layers=1)
+  state = torch_resnet.torchvision_state_dict(pretrained)
   features = np.asarray(pretrained.encoder.encoder.apply(
       {c: v['encoder'] for c, v in pretrained.variables.items()}, images, train=False))
   x = features @ state['head.0.weight'].T                      # torch Linear: x W^T
@@ -275,11 +278,11 @@ def test_export_with_the_head_layer_gives_the_downstream_backbone(pretrained_wor
   tolerances.assert_close(np.maximum(x, 0), want)
   assert {'conv1.weight', 'bn1.running_var'} <= set(state)      # the backbone is there too
   with pytest.raises(ValueError, match='--head_layers: detectron2'):
-    export.detectron2_state_dict(pretrained)
+    torch_resnet.detectron2_state_dict(pretrained)
 
 
 def _save_pretraining_arrays(workdir, step, head_params):
-  """A checkpoint with only what :func:`contrastive.export.read_head_layers` looks at."""
+  """A checkpoint with only what :func:`contrastive.reader.read_head_layers` looks at."""
   manager = ocp.CheckpointManager(str(workdir / 'checkpoints'),
                                   item_handlers=ocp.PyTreeCheckpointHandler())
   manager.save(step, args=ocp.args.PyTreeSave({
@@ -298,7 +301,7 @@ def test_head_layers_read_without_bn_and_refused_without_one_head(tmp_path):
   shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), x, train=False))['params']
   head_params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   _save_pretraining_arrays(tmp_path, 3, head_params)
-  variables = export.read_head_layers(str(tmp_path), 3, 2)
+  variables = reader.read_head_layers(str(tmp_path), 3, 2)
   assert set(variables) == {'params'}
   assert set(variables['params']) == {'Dense_0', 'Dense_1'}
   y = x
@@ -308,8 +311,10 @@ def test_head_layers_read_without_bn_and_refused_without_one_head(tmp_path):
   tolerances.assert_close(got, y)
 
   _save_pretraining_arrays(tmp_path, 4, {'l': head_params, 'ab': head_params})
-  with pytest.raises(ValueError, match=r'config\.head_layers=1; .* no Dense_0 under'):
-    export.read_head_layers(str(tmp_path), 4, 1)
+  with pytest.raises(ValueError, match=r'config\.head_layers=1; .* no Dense_0 under '
+                                       r'params\["head"\]: it holds one projection head '
+                                       r'per view \(ab, l\)'):
+    reader.read_head_layers(str(tmp_path), 4, 1)
 
 
 def test_linear_from_head_layer_freezes_it_and_trains_the_classifier(pretrained_workdir,
@@ -317,19 +322,19 @@ def test_linear_from_head_layer_freezes_it_and_trains_the_classifier(pretrained_
   config = _config(pretrained_workdir, head_layers=1, num_epochs=1.0)   # 4 steps
   results = downstream.train_and_evaluate(config, str(tmp_path))
   assert results['backbone_unchanged'] is True and results['head_layers'] == 1
-  pretrained = export.load_pretrained(pretrained_workdir)
+  pretrained = reader.load_pretrained(pretrained_workdir)
   backbone = downstream.load_backbone(config, pretrained)
   before, after = _restore_final_state(str(tmp_path), 2), _restore_final_state(str(tmp_path))
   assert set(after['params']) == {'classifier'}
-  assert _trees_equal(after['batch_stats'], backbone.variables['batch_stats'])
-  assert set(after['batch_stats']) == {'encoder', 'head'}
+  assert _trees_equal(after['model_state']['batch_stats'], backbone.variables['batch_stats'])
+  assert set(after['model_state']['batch_stats']) == {'encoder', 'head'}
   assert not np.array_equal(before['params']['classifier']['kernel'],
                             after['params']['classifier']['kernel'])
 
 
 def test_backbone_check_covers_the_head_layers(pretrained_workdir):
   config = _config(pretrained_workdir, head_layers=1)
-  variables = downstream.load_backbone(config, export.load_pretrained(pretrained_workdir)
+  variables = downstream.load_backbone(config, reader.load_pretrained(pretrained_workdir)
                                        ).variables
   for collection in ('params', 'batch_stats'):
     changed = jax.tree.map(np.copy, variables)
@@ -345,8 +350,9 @@ def test_finetune_from_head_layer_trains_it(pretrained_workdir, tmp_path):
   config.optim.base_lr = 0.5
   downstream.train_and_evaluate(config, str(tmp_path))
   state = _restore_final_state(str(tmp_path))
-  backbone = downstream.load_backbone(config, export.load_pretrained(pretrained_workdir))
-  trained = {'params': state['params']['encoder'], 'batch_stats': state['batch_stats']}
+  backbone = downstream.load_backbone(config, reader.load_pretrained(pretrained_workdir))
+  trained = {'params': state['params']['encoder'],
+             'batch_stats': state['model_state']['batch_stats']}
   for collection in ('params', 'batch_stats'):
     before, after = backbone.variables[collection], trained[collection]
     assert jax.tree.structure(before) == jax.tree.structure(after)
@@ -363,13 +369,10 @@ def test_head_layers_beyond_the_runs_head_name_the_field(pretrained_workdir, tmp
     downstream.train_and_evaluate(_config(pretrained_workdir, head_layers=2), str(tmp_path))
   with pytest.raises(ValueError, match=r'config\.head_layers=1; .*\(head\.num_layers=1\) has '
                                        'no hidden layer'):
-    export.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 1}))
-  with pytest.raises(ValueError, match=r'config\.head_layers=1; a CMC run has one projection '
-                                       r'head per view'):
-    export.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 3}), 'cmc')
+    reader.check_head_layers(1, ml_collections.ConfigDict({'num_layers': 1}))
   for value in (3, -1):
     with pytest.raises(ValueError, match=rf'config\.head_layers={value}; valid: 0, 1, 2'):
-      config_lib.validate_downstream(_config(pretrained_workdir, head_layers=value))
+      config_checks.validate_downstream(_config(pretrained_workdir, head_layers=value))
 
 
 def test_data_fields_a_pretraining_run_predates_take_their_defaults():

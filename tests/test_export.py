@@ -19,7 +19,9 @@ from safetensors import numpy as safetensors_numpy
 
 from contrastive import config as config_lib
 from contrastive import export
+from contrastive import reader
 from contrastive.data import augment
+from contrastive.formats import torch_resnet
 from contrastive.methods import TrainState, get_method
 from contrastive.models import resnet
 
@@ -49,7 +51,7 @@ def _write_workdir(workdir: str, config, variables, step: int, method_state) -> 
   state = TrainState(
       step=jnp.asarray(step, jnp.int32),
       params={'encoder': variables['params'], 'head': {'kernel': jnp.ones((4, 4))}},
-      batch_stats={'encoder': variables['batch_stats']},
+      model_state={'batch_stats': {'encoder': variables['batch_stats']}},
       opt_state={'momentum': jnp.zeros((4, 4))},
       method_state=jax.device_put(method_state, NamedSharding(mesh, P("data"))), probe={})
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
@@ -60,7 +62,7 @@ def _write_workdir(workdir: str, config, variables, step: int, method_state) -> 
 
 @functools.cache
 def _random_pretrained(name: str, stem: str = 'imagenet', width: float = 1.0,
-                       stage_sizes: tuple[int, ...] | None = None) -> export.Pretrained:
+                       stage_sizes: tuple[int, ...] | None = None) -> reader.Pretrained:
   """A ResNet with random weights and BatchNorm that is far from the identity.
 
   Shapes come from ``eval_shape`` and values from numpy: compiling Flax's
@@ -83,7 +85,7 @@ def _random_pretrained(name: str, stem: str = 'imagenet', width: float = 1.0,
 
   config = config_lib.base_config()
   config.model.name, config.model.stem, config.model.width = name, stem, width
-  return export.Pretrained(config=config, encoder=encoder,
+  return reader.Pretrained(config=config, encoder=encoder,
                            variables=jax.tree_util.tree_map_with_path(value, shapes),
                            step=7)
 
@@ -91,7 +93,7 @@ def _random_pretrained(name: str, stem: str = 'imagenet', width: float = 1.0,
 # ----------------------------------------------------------------------------- loader
 
 def test_load_pretrained_gives_the_trained_encoder(run_dir):
-  pretrained = export.load_pretrained(run_dir)
+  pretrained = reader.load_pretrained(run_dir)
   assert pretrained.step == 8
   assert pretrained.config.model.name == 'resnet10'
   assert pretrained.config.aug.crop_area == (0.3, 1.0)     # JSON lists back to tuples
@@ -100,7 +102,7 @@ def test_load_pretrained_gives_the_trained_encoder(run_dir):
   assert 'stem_conv' in pretrained.variables['params']
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(pretrained.variables))
 
-  # The whole saved state, through the method's own model and encode function.
+  # The whole saved state, through the method's own backbone.
   manager = ocp.CheckpointManager(os.path.join(run_dir, 'checkpoints'),
                                   item_handlers=ocp.PyTreeCheckpointHandler())
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
@@ -108,39 +110,39 @@ def test_load_pretrained_gives_the_trained_encoder(run_dir):
   state = manager.restore(8, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   manager.close()
   method = get_method(pretrained.config.method)
-  model = method.build_model(pretrained.config)
+  backbone = method.backbone(pretrained.config)
   images = _images(20, 16)
-  expected = jax.jit(functools.partial(method.encode, model))(
-      state['params'], state['batch_stats'],
+  expected = jax.jit(functools.partial(backbone.apply, train=False))(
+      method.backbone_variables(state['params'], state['model_state']),
       augment.preprocess_eval(images, pretrained.config.aug))
-  features = export.encode(pretrained, images, batch_size=16)   # two batches
+  features = reader.encode(pretrained, images, batch_size=16)   # two batches
   assert features.shape == (20, pretrained.encoder.num_features)
   np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(export.encode(pretrained, images / 255.0, batch_size=16),
+  np.testing.assert_allclose(reader.encode(pretrained, images / 255.0, batch_size=16),
                              expected, rtol=1e-5, atol=1e-5)
 
 
 def test_load_pretrained_errors_name_the_path(run_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='config.json'):
-    export.load_pretrained(str(tmp_path))
+    reader.load_pretrained(str(tmp_path))
   with open(os.path.join(run_dir, 'config.json')) as f:
     (tmp_path / 'config.json').write_text(f.read())
   with pytest.raises(FileNotFoundError, match=str(tmp_path / 'checkpoints')):
-    export.load_pretrained(str(tmp_path))
+    reader.load_pretrained(str(tmp_path))
   with pytest.raises(FileNotFoundError, match='no checkpoint of step 3; it has steps 8'):
-    export.load_pretrained(run_dir, step=3)
+    reader.load_pretrained(run_dir, step=3)
   downstream = tmp_path / 'downstream'
   downstream.mkdir()
   (downstream / 'config.json').write_text('{"mode": "linear", "pretrained": "/x"}')
   with pytest.raises(ValueError, match='not the config of a pretraining run'):
-    export.load_pretrained(str(downstream))
+    reader.load_pretrained(str(downstream))
 
 
 def test_one_device_process_reads_checkpoints_of_eight(run_dir, tmp_path):
   """A 1-device process exports the 8-device run through the command line, and
   skips a method state split over the 8 devices; the Flax file then loads
   without Orbax or the trainer."""
-  pretrained = export.load_pretrained(run_dir)
+  pretrained = reader.load_pretrained(run_dir)
   sharded = str(tmp_path / 'sharded')
   _write_workdir(sharded, pretrained.config, pretrained.variables, step=3,
                  method_state={'queue': jnp.arange(64 * 16.0).reshape(64, 16)})
@@ -151,12 +153,13 @@ def test_one_device_process_reads_checkpoints_of_eight(run_dir, tmp_path):
 import sys
 import jax
 from contrastive import export
+from contrastive import reader
 assert jax.device_count() == 1
 module, variables = export.load_flax_encoder({standalone!r})
 heavy = [m for m in ('orbax.checkpoint', 'contrastive.train', 'contrastive.config',
                      'tensorflow', 'torch') if m in sys.modules]
 assert not heavy, f'load_flax_encoder imported {{heavy}}'
-assert export.load_pretrained({sharded!r}).step == 3
+assert reader.load_pretrained({sharded!r}).step == 3
 sys.argv = ['export', '--workdir={run_dir}', '--format=flax', '--out={out}']
 export.main()
 """
@@ -171,7 +174,7 @@ export.main()
   images = _images(8, 16, seed=1)
   np.testing.assert_allclose(
       module.apply(variables, images / np.float32(255), train=False),
-      export.encode(pretrained, images, batch_size=8), rtol=1e-5, atol=1e-5)
+      reader.encode(pretrained, images, batch_size=8), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ torchvision
@@ -226,7 +229,7 @@ def torch_features(tmp_path_factory):
   folder = tmp_path_factory.mktemp('torch')
   images = {}
   for kind, (pretrained, size) in _TORCH_NETS.items():
-    safetensors_numpy.save_file(export.torchvision_state_dict(pretrained()),
+    safetensors_numpy.save_file(torch_resnet.torchvision_state_dict(pretrained()),
                                 str(folder / f'{kind}.safetensors'))
     images[kind] = np.random.default_rng(2).normal(size=(4, size, size, 3)).astype(
         np.float32)
@@ -255,12 +258,12 @@ def test_exported_files(tmp_path):
   workdir = str(tmp_path / 'run')
   _write_workdir(workdir, pretrained.config, pretrained.variables, step=7,
                  method_state={})
-  loaded = export.load_pretrained(workdir)
+  loaded = reader.load_pretrained(workdir)
 
   path = str(tmp_path / 'resnet18.safetensors')
   export.export_torchvision(workdir, path)
   saved = safetensors_numpy.load_file(path)
-  expected = export.torchvision_state_dict(loaded)
+  expected = torch_resnet.torchvision_state_dict(loaded)
   assert saved.keys() == expected.keys()
   jax.tree.map(np.testing.assert_array_equal, saved, expected)
   assert saved['bn1.num_batches_tracked'] == 7
@@ -275,14 +278,14 @@ def test_exported_files(tmp_path):
   checkpoint = pickle.loads(data)
   assert checkpoint['matching_heuristics'] is False
   assert '__author__' in checkpoint
-  expected = export.detectron2_state_dict(loaded)
+  expected = torch_resnet.detectron2_state_dict(loaded)
   assert checkpoint['model'].keys() == expected.keys()
   jax.tree.map(np.testing.assert_array_equal, checkpoint['model'], expected)
   assert checkpoint['model']['stem.conv1.weight'].flags.writeable
 
   loaded.config.model.stem = 'cifar'
   with pytest.raises(ValueError, match='stem'):
-    export.detectron2_state_dict(loaded)
+    torch_resnet.detectron2_state_dict(loaded)
 
 
 # ------------------------------------------------------------------------- detectron2
@@ -304,8 +307,8 @@ def test_detectron2_names_of_resnet50():
         names[f'{block}.{conv}.weight'] = f'{torch_block}.{torch_conv}.weight'
         names.update({f'{block}.{conv}.norm.{k}': f'{torch_block}.{torch_bn}.{k}'
                       for k in norm})
-  detectron2 = export.detectron2_state_dict(pretrained)
-  torchvision = export.torchvision_state_dict(pretrained)
+  detectron2 = torch_resnet.detectron2_state_dict(pretrained)
+  torchvision = torch_resnet.torchvision_state_dict(pretrained)
   assert set(detectron2) == set(names)
   assert {k for k in torchvision if not k.endswith('num_batches_tracked')} == set(
       names.values())

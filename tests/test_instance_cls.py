@@ -150,7 +150,7 @@ def test_contrastive_prior_rows_are_the_random_networks_train_mode_features(
     pixels = train.augment.preprocess_eval(batch['image'], config.aug)
     (_, projections), _ = reference.apply(
         {'params': {k: v for k, v in initial.params.items() if k != 'classifier'},
-         'batch_stats': initial.batch_stats}, pixels, train=True, mutable=['batch_stats'])
+         **initial.model_state}, pixels, train=True, mutable=['batch_stats'])
     real = batch['mask']
     want[batch['index'][real]] = np.asarray(losses.l2_normalize(projections))[real]
   tolerances.assert_close(got[:num_examples], want)

@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 from contrastive import loop
 from contrastive import parallel
-from contrastive import train
-from contrastive.data import sources
+from contrastive.data import source_base
 from contrastive.evaluate import knn
+from contrastive.evaluate import monitor as monitor_lib
 from tests import tolerances
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,10 +71,10 @@ def _split(seed, size):
 
 
 def _monitor_inputs(train_block, eval_block):
-  """What :func:`train.monitor` reads: this process's blocks of both splits."""
+  """What :func:`monitor_lib.monitor` reads: this process's blocks of both splits."""
   mesh = parallel.make_mesh()
-  splits = {'train': sources.ImageArrays(*train_block, NUM_CLASSES),
-            'eval': sources.ImageArrays(*eval_block, NUM_CLASSES),
+  splits = {'train': source_base.ImageArrays(*train_block, NUM_CLASSES),
+            'eval': source_base.ImageArrays(*eval_block, NUM_CLASSES),
             'layout': loop.Layout(mesh, 16, 2, 16 // jax.process_count())}
   config = ml_collections.ConfigDict({
       'data': {'image_size': 4, 'in_memory': True},
@@ -102,7 +102,7 @@ def test_monitor_keeps_the_bank_on_the_devices_and_matches_the_host_path():
   top-1 is the host path's and the reference's."""
   train_split, eval_split = _split(1, 37), _split(2, 21)
   state, encode_step, config, splits = _monitor_inputs(train_split, eval_split)
-  features = train.split_features(state, encode_step, config, splits, sharded=('train',))
+  features = monitor_lib.split_features(state, encode_step, config, splits, sharded=('train',))
   bank, bank_labels = features['train']
   assert bank.sharding.spec == P(parallel.AXIS)
   assert {s.data.shape for s in bank.addressable_shards} == {(6, 8)}
@@ -114,8 +114,9 @@ def test_monitor_keeps_the_bank_on_the_devices_and_matches_the_host_path():
                                 np.pad(train_split[1], (0, 11), constant_values=-1)[order])
 
   mesh = splits['layout'].mesh
-  monitored = train.monitor(state, encode_step, None, config, splits)['monitor/knn_accuracy']
-  host = train.split_features(state, encode_step, config, splits)
+  monitored = monitor_lib.monitor(state, encode_step, None, config,
+                                  splits)['monitor/knn_accuracy']
+  host = monitor_lib.split_features(state, encode_step, config, splits)
   evaluated = knn.knn_accuracy(*host['train'], *host['eval'], NUM_CLASSES, mesh, k=K,
                                temperature=TEMPERATURE)
   assert monitored == evaluated == _reference_accuracy(train_split, eval_split)
@@ -149,10 +150,10 @@ def _worker(port: int, process_id: int):
     return images[part], labels[part]
   state, encode_step, config, splits = _monitor_inputs(
       block(train_images, train_labels, 'train'), block(eval_images, eval_labels, 'eval'))
-  features = train.split_features(state, encode_step, config, splits)
+  features = monitor_lib.split_features(state, encode_step, config, splits)
   evaluated = knn.knn_accuracy(*features['train'], *features['eval'], NUM_CLASSES,
                                splits['layout'].mesh, k=K, temperature=TEMPERATURE)
-  monitored = train.monitor(state, encode_step, None, config, splits)
+  monitored = monitor_lib.monitor(state, encode_step, None, config, splits)
   print(json.dumps({'monitor': monitored['monitor/knn_accuracy'], 'evaluate': evaluated}))
 
 

@@ -116,3 +116,21 @@ def test_schedule_from_config_turns_epochs_into_steps():
                                         total_steps=50)
   assert [float(schedule(s)) for s in (5, 10, 29, 30, 49)] == pytest.approx(
       [1.0, 2.0, 2.0, 1.0, 1.0])
+
+
+def test_a_vits_position_embedding_and_class_token_are_no_weights():
+  """By role, not rank: a ViT's 3-D position embedding and class token, and its
+  LayerNorm scales, are neither decayed nor trust-ratio scaled; every kernel is."""
+  from contrastive.models import vit  # pylint: disable=g-import-not-at-top
+  encoder = vit.build_vit('vit_tiny', patch_size=4, depth=1, hidden_dim=8, num_heads=2,
+                          mlp_dim=16)
+  params = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
+                                               train=False))['params']
+  mask = optim.decay_mask(params)
+  flat = {'/'.join(str(k.key) for k in path): value
+          for path, value in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert not flat['pos_embed'] and not flat['cls_token']
+  assert params['pos_embed'].ndim == 3
+  assert {name for name, decayed in flat.items() if decayed} == {
+      name for name in flat if name.endswith('kernel')}
+  assert not any(decayed for name, decayed in flat.items() if 'norm' in name)

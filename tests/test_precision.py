@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from contrastive import config as config_lib
+from contrastive import config_checks
 from contrastive import models
 from contrastive import parallel
 from contrastive.models import resnet
@@ -133,7 +134,7 @@ def test_remat_changes_no_result_and_keeps_fewer_activations():
 def test_bad_precision_and_remat_fields_are_named(field, value, message):
   config = config_lib.base_config()
   config.model[field] = value
-  assert any(message in problem for problem in config_lib.pretraining_problems(config))
+  assert any(message in problem for problem in config_checks.pretraining_problems(config))
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])

@@ -11,6 +11,7 @@ from etils import epath
 
 from contrastive import downstream
 from contrastive import export
+from contrastive import reader
 from contrastive import metrics
 from contrastive import train
 from contrastive.data import in_memory
@@ -57,7 +58,7 @@ def test_train_resume_downstream_and_export_on_a_bucket(config, remote_fs, monke
   export.export_flax(run, f'{remote_fs.url}/backbone.msgpack')
   _, variables = export.load_flax_encoder(f'{remote_fs.url}/backbone.msgpack')
   jax.tree.map(np.testing.assert_array_equal, variables,
-               export.load_pretrained(run).variables)
+               reader.load_pretrained(run).variables)
   # No URL was taken for a local path (os.path.abspath('gs://b') is ./gs:/b).
   assert not any(os.path.exists(os.path.join(where, 'gs:')) for where in (REPO, os.getcwd()))
   assert not epath.Path(f'{remote_fs.url}/run/lock').exists()        # released

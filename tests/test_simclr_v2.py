@@ -20,6 +20,7 @@ from contrastive import train
 from contrastive.data import in_memory as in_memory_data
 from contrastive.methods import Batch, Context, LossOutput, RunInfo
 from contrastive.methods import simclr
+from contrastive.methods.contract import forward, model_state_of, replica_key
 from tests import faults
 
 
@@ -90,7 +91,7 @@ def _lowered_loss(loss, config, method_state):
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
   def replica(variables, images):
-    return loss(ctx, variables['params'], variables['batch_stats'], method_state,
+    return loss(ctx, variables['params'], model_state_of(variables), method_state,
                 Batch(views=(images, images), index=jnp.zeros(images.shape[0], jnp.int32)),
                 jax.random.key(1)).loss
 
@@ -101,16 +102,16 @@ def _lowered_loss(loss, config, method_state):
 def test_without_a_queue_the_method_is_simclr_v1(config):
   """queue_size=0: no state, and the loss lowers to the program of SimCLR v1's
   loss (NT-Xent of the network's projections of both views, nothing else)."""
-  def v1_loss(ctx, params, batch_stats, method_state, batch, key):
-    del method_state, key
+  def v1_loss(ctx, params, model_state, method_state, batch, key):
+    del method_state
     view1, view2 = batch.views
     n = view1.shape[0]
-    (features, projections), updates = ctx.model.apply(
-        {'params': params, 'batch_stats': batch_stats},
-        jnp.concatenate([view1, view2]), train=True, mutable=['batch_stats'])
+    (features, projections), model_state = forward(
+        ctx.model, {'params': params, **model_state}, jnp.concatenate([view1, view2]),
+        replica_key(key, ctx.axis_name))
     value = losses.nt_xent(projections[:n], projections[n:], ctx.config.simclr.temperature,
                            axis_name=ctx.axis_name)
-    return LossOutput(loss=value, batch_stats=updates['batch_stats'], features=features[:n])
+    return LossOutput(loss=value, model_state=model_state, features=features[:n])
 
   assert config.simclr.queue_size == 0
   ctx = Context(model=None, config=config, run=RunInfo(100, 8, 10), axis_name='data')

@@ -1,8 +1,11 @@
 """Contrastive methods, each one :class:`Method` value in its own module.
 
 The contract (what a method provides, with defaults for what it does not need)
-is in :mod:`contrastive.methods.contract`; the EMA target network that several
-methods share is :mod:`contrastive.methods.ema`. ``config.method`` chooses a
+is in :mod:`contrastive.methods.contract`; the pieces several methods share are
+:mod:`contrastive.methods.ema` (the EMA target network),
+:mod:`contrastive.methods.queue` (the sharded queue of keys),
+:mod:`contrastive.methods.bank` (the sharded memory bank) and
+:mod:`contrastive.methods.rows` (tables split by rows). ``config.method`` chooses a
 method from :data:`METHODS`; the trainer also accepts any ``Method`` directly,
 so a method can live outside the library.
 """
@@ -24,5 +27,8 @@ METHODS = {method.name: method for method in (simclr.METHOD, moco.METHOD, memban
 
 def get_method(name: str) -> Method:
   if name not in METHODS:
-    raise ValueError(f'config.method={name!r} is unknown; valid: {", ".join(METHODS)}')
+    raise ValueError(f'config.method={name!r} is unknown; valid: {", ".join(METHODS)}. '
+                     'A method from outside the library is passed as method= to '
+                     'train.train_and_evaluate, downstream.train_and_evaluate, '
+                     'reader.load_pretrained and the export functions.')
   return METHODS[name]

@@ -13,16 +13,24 @@ Both views go through each network as one batch, so BatchNorm (synchronised
 across replicas with ``model.bn='global'``) normalises over both views.
 """
 
-import jax
 import jax.numpy as jnp
+import ml_collections
 
-from contrastive import config as config_lib
+from contrastive import config_checks
 from contrastive import losses
 from contrastive import models
 from contrastive.methods import ema
-from contrastive.methods.contract import Batch, Context, LossOutput, Method, View
+from contrastive.methods.contract import (Batch, Context, LossOutput, Method, View, forward,
+                                          mean_statistics, replica_key)
 
 ONLINE_ONLY = ('predictor',)      # what the target does not copy
+
+
+def default_config() -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict()
+  section.momentum = 0.996             # target EMA, rising to 1 on the cosine schedule
+  section.momentum_schedule = 'cosine'
+  return section
 
 
 def build_model(config):
@@ -36,7 +44,7 @@ def views(config) -> tuple[View, View]:
 
 
 def check_config(config) -> list[str]:
-  return ema.check(config.byol, 'byol') + config_lib.predictor_problems(config)
+  return ema.check(config.byol, 'byol') + config_checks.predictor_problems(config)
 
 
 def init_state(ctx: Context, variables, key):
@@ -44,21 +52,21 @@ def init_state(ctx: Context, variables, key):
   return {'target': ema.init(variables, without=ONLINE_ONLY)}
 
 
-def online_and_target(ctx: Context, params, batch_stats, target, views_):
+def online_and_target(ctx: Context, params, model_state, target, views_, key):
   """Both views through the online network (with the predictor) and the target.
 
-  Returns ``(features, predictions, target_projections, online_batch_stats,
-  target_batch_stats)``, rows ordered view 1 then view 2; the target's statistics
+  Returns ``(features, predictions, target_projections, online_model_state,
+  target_model_state)``, rows ordered view 1 then view 2; the target's statistics
   are averaged over replicas when BatchNorm is per device.
   """
   both = jnp.concatenate(views_)
-  (features, _, predictions), updates = ctx.model.apply(
-      {'params': params, 'batch_stats': batch_stats}, both, train=True,
-      mutable=['batch_stats'], method='predict')
-  (_, projections), target_stats = ema.forward(ctx.model, target, both)
-  if ctx.config.model.bn == 'local' and ctx.axis_name is not None:
-    target_stats = jax.lax.pmean(target_stats, ctx.axis_name)
-  return features, predictions, projections, updates['batch_stats'], target_stats
+  (features, _, predictions), online_state = forward(
+      ctx.model, {'params': params, **model_state}, both, replica_key(key, ctx.axis_name),
+      method='predict')
+  (_, projections), target_state = ema.forward(ctx.model, target, both)
+  if ctx.config.model.bn == 'local':
+    target_state = mean_statistics(target_state, ctx.axis_name)
+  return features, predictions, projections, online_state, target_state
 
 
 def swap_views(x):
@@ -67,15 +75,14 @@ def swap_views(x):
   return jnp.concatenate([x[half:], x[:half]])
 
 
-def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
-  del key
+def loss(ctx: Context, params, model_state, method_state, batch: Batch, key) -> LossOutput:
   n = batch.views[0].shape[0]
-  features, predictions, projections, online_stats, target_stats = online_and_target(
-      ctx, params, batch_stats, method_state['target'], batch.views)
+  features, predictions, projections, online_state, target_state = online_and_target(
+      ctx, params, model_state, method_state['target'], batch.views, key)
   # The mean over 2n rows of both directions, times 2: the sum of the two losses.
   value = 2.0 * losses.normalized_mse(predictions, swap_views(projections), ctx.axis_name)
-  return LossOutput(loss=value, batch_stats=online_stats, features=features[:n],
-                    for_update={'target_batch_stats': target_stats})
+  return LossOutput(loss=value, model_state=online_state, features=features[:n],
+                    for_update={'target_model_state': target_state})
 
 
 def update_target(ctx: Context, method_state, params, for_update, step, section):
@@ -83,13 +90,14 @@ def update_target(ctx: Context, method_state, params, for_update, step, section)
   momentum = ema.momentum_at(step, section.momentum, section.momentum_schedule,
                              ctx.run.total_steps)
   return {'target': ema.update(method_state['target'], params,
-                               for_update['target_batch_stats'], momentum)}
+                               for_update['target_model_state'], momentum)}
 
 
 def update_state(ctx: Context, method_state, params, for_update, step):
   return update_target(ctx, method_state, params, for_update, step, ctx.config.byol)
 
 
-METHOD = Method(name='byol', loss=loss, build_model=build_model, views=views,
+METHOD = Method(name='byol', loss=loss, default_config=default_config,
+                build_model=build_model, views=views,
                 check_config=check_config, init_state=init_state,
                 update_state=update_state)

@@ -14,28 +14,31 @@ zeros: CMC learns from colour images only.
 The negatives, ``config.cmc.negatives``:
 
 - ``'membank'``: one memory bank per view, one row per training image, split
-  across devices by rows and updated with momentum ``bank_momentum`` as in
-  :mod:`contrastive.methods.membank`. An anchor's positive is the other view's
+  across devices by rows and updated with momentum ``bank_momentum``
+  (:mod:`contrastive.methods.bank`, the memory bank's). An anchor's positive is the other view's
   row of its image; its negatives are ``num_negatives`` rows drawn uniformly (the
   same rows in both banks), or the whole bank for 0, never its own image's row.
 - ``'queue'``: MoCo-style. An EMA copy of the whole network (momentum
   ``momentum``) is each view's key encoder, and each view has one global FIFO
   queue of ``queue_size`` keys, split across devices
-  (:func:`contrastive.methods.moco.enqueue`). An anchor's positive is the other
+  (:mod:`contrastive.methods.queue`). An anchor's positive is the other
   view's key of its image; its negatives are the other view's queue. The key
   encoders' BatchNorm is the model's (``model.bn``), with no shuffling.
 """
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from contrastive import losses
+from contrastive import models
 from contrastive import parallel
+from contrastive.methods import bank as bank_lib
 from contrastive.methods import ema
-from contrastive.methods import moco
-from contrastive.methods import rows
-from contrastive.methods.contract import Batch, Context, LossOutput, Method, View
+from contrastive.methods import queue as queue_lib
+from contrastive.methods.contract import (Batch, Context, LossOutput, Method, View, forward,
+                                          mean_statistics, replica_key)
 from contrastive.models import lab_split
 
 NEGATIVES = ('membank', 'queue')
@@ -43,8 +46,24 @@ VIEWS = lab_split.VIEWS
 OTHER = {'l': 'ab', 'ab': 'l'}       # whose bank or keys each view's anchors meet
 
 
+def default_config() -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict()
+  section.temperature = 0.07          # both directions' (CMC: 0.07 ImageNet, 0.1 STL-10)
+  section.negatives = 'membank'       # 'membank' (one bank per view) or 'queue' (MoCo-style)
+  section.num_negatives = 4096        # memory bank rows drawn per step; 0: the whole bank
+  section.bank_momentum = 0.5         # bank row <- m * row + (1 - m) * new embedding
+  section.queue_size = 16384          # 'queue': keys per view, multiple of the batch
+  section.momentum = 0.999            # 'queue': the key encoders' EMA momentum
+  return section
+
+
 def build_model(config):
   return lab_split.build_model(config.model, config.head)
+
+
+def backbone(config, axis_name=None):
+  """Both views' encoders: their features concatenated, L's first."""
+  return models.with_bn_axis(lab_split.build_encoder(config.model), axis_name)
 
 
 def views(config):
@@ -59,20 +78,14 @@ def check_config(config) -> list[str]:
   if cmc.negatives not in NEGATIVES:
     problems.append(f'config.cmc.negatives={cmc.negatives!r}; valid: {", ".join(NEGATIVES)}')
   elif cmc.negatives == 'membank':
-    if cmc.num_negatives < 0:
-      problems.append(f'config.cmc.num_negatives={cmc.num_negatives} must be >= 0 '
-                      '(0: the whole bank).')
-    if not 0.0 <= cmc.bank_momentum < 1.0:
-      problems.append(f'config.cmc.bank_momentum={cmc.bank_momentum} must lie in [0, 1).')
+    problems += bank_lib.problems(cmc.num_negatives, cmc.bank_momentum,
+                                  'cmc.num_negatives', 'cmc.bank_momentum')
   else:
     if not 0.0 <= cmc.momentum <= 1.0:
       problems.append(f'config.cmc.momentum={cmc.momentum} must lie in [0, 1].')
     batch = config.global_batch_size
-    if batch > 0 and (cmc.queue_size <= 0 or cmc.queue_size % batch):
-      problems.append(
-          f'config.cmc.queue_size={cmc.queue_size} must be a positive multiple of the '
-          f'keys enqueued per step, the global batch {batch}; try '
-          f'{max(1, cmc.queue_size // batch) * batch}.')
+    problems += queue_lib.size_problems('cmc.queue_size', cmc.queue_size, batch,
+                                        f'the global batch {batch}')
   if config.aug.mean is not None:
     problems.append(f'config.aug.mean={config.aug.mean!r}: CMC converts RGB in [0, 1] to '
                     'Lab and normalises L and ab itself; leave config.aug.mean and '
@@ -82,22 +95,11 @@ def check_config(config) -> list[str]:
 
 def check_run(config, run) -> list[str]:
   cmc = config.cmc
-  if cmc.negatives == 'membank' and cmc.num_negatives >= run.num_examples:
-    return [f'config.cmc.num_negatives={cmc.num_negatives} is not smaller than the '
-            f'training split ({run.num_examples} images): the draws would count rows of '
-            f'the banks several times over; use at most {run.num_examples - 1}, or 0 for '
-            'the whole bank.']
-  if cmc.negatives == 'queue' and cmc.queue_size > run.num_examples:
-    batch = config.global_batch_size
-    return [f'config.cmc.queue_size={cmc.queue_size} is larger than the training split '
-            f'({run.num_examples} images): the queues would hold keys of the very images '
-            f'in the batch, positives as negatives; use at most '
-            f'{run.num_examples // batch * batch}.']
-  return []
-
-
-def _random_rows(key, num_rows: int, dim: int):
-  return losses.l2_normalize(jax.random.normal(key, (num_rows, dim), jnp.float32))
+  if cmc.negatives == 'membank':
+    return bank_lib.split_problems('cmc.num_negatives', cmc.num_negatives,
+                                   run.num_examples, 'the banks')
+  return queue_lib.split_problems('cmc.queue_size', cmc.queue_size,
+                                  config.global_batch_size, run.num_examples, 'the queues')
 
 
 def init_state(ctx: Context, variables, key):
@@ -105,32 +107,30 @@ def init_state(ctx: Context, variables, key):
   keys = dict(zip(VIEWS, jax.random.split(key, len(VIEWS))))
   dim = config.head.out_dim
   if config.cmc.negatives == 'membank':
-    padding = rows.padded_rows(run.num_examples, run.num_devices) - run.num_examples
-    return {'bank': {view: jnp.pad(_random_rows(keys[view], run.num_examples, dim),
-                                   ((0, padding), (0, 0))) for view in VIEWS}}
+    return {'bank': {view: bank_lib.init(keys[view], run.num_examples, run.num_devices, dim)
+                     for view in VIEWS}}
   return {'target': ema.init(variables),
-          'queue': {view: _random_rows(keys[view], config.cmc.queue_size, dim)
+          'queue': {view: queue_lib.random_keys(keys[view], config.cmc.queue_size, dim)
                     for view in VIEWS},
-          'queue_pointer': jnp.zeros((), jnp.int32)}
+          queue_lib.POINTER: queue_lib.init_pointer()}
 
 
 def state_specs(config):
   if config.cmc.negatives == 'membank':
     return {'bank': P(parallel.AXIS)}
-  return {'target': P(), 'queue': P(parallel.AXIS), 'queue_pointer': P()}
+  return {'target': P(), **queue_lib.specs()}
 
 
-def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
+def loss(ctx: Context, params, model_state, method_state, batch: Batch, key) -> LossOutput:
   images = batch.views[0]
-  (features, projections), updates = ctx.model.apply(
-      {'params': params, 'batch_stats': batch_stats}, images, train=True,
-      mutable=['batch_stats'])
+  (features, projections), model_state = forward(
+      ctx.model, {'params': params, **model_state}, images, replica_key(key, ctx.axis_name))
   anchors = dict(zip(VIEWS, projections))
   if ctx.config.cmc.negatives == 'membank':
     per_view, for_update = _bank_losses(ctx, anchors, method_state['bank'], batch.index, key)
   else:
     per_view, for_update = _queue_losses(ctx, anchors, method_state, images)
-  return LossOutput(loss=sum(per_view.values()), batch_stats=updates['batch_stats'],
+  return LossOutput(loss=sum(per_view.values()), model_state=model_state,
                     features=features, for_update=for_update,
                     metrics={f'{view}_loss': value for view, value in per_view.items()})
 
@@ -138,27 +138,13 @@ def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> 
 def _bank_losses(ctx: Context, anchors, banks, index, key):
   """Each view's loss against the other view's bank, and what the banks' update needs."""
   cmc, axis_name = ctx.config.cmc, ctx.axis_name
-  layout = banks[VIEWS[0]]                                   # both banks split alike
-  device, _ = rows.shard_position(layout, axis_name)
-  batch_index = rows.gather(index, axis_name)                # [N]
-  if cmc.num_negatives:
-    drawn = jax.random.randint(key, (cmc.num_negatives,), 0, ctx.run.num_examples)
-    owned, local_rows = rows.owned(drawn, layout, axis_name)
-    negative_rows, pick = drawn, lambda bank: bank[local_rows]
-  else:
-    negative_rows = rows.shard_columns(layout, axis_name)
-    owned, pick = negative_rows < ctx.run.num_examples, lambda bank: bank
-  # An image's own row is its positive, never one of its negatives.
-  mask = owned[None, :] & (negative_rows[None, :] != batch_index[:, None])
+  negatives = bank_lib.draw_negatives(key, banks[VIEWS[0]], index, cmc.num_negatives,
+                                      ctx.run.num_examples, axis_name)   # split alike
   per_view = {}
   for view in VIEWS:
     bank = banks[OTHER[view]]
-    # Every replica reads the whole batch's rows; each keeps its own images' ones.
-    positives = jax.lax.dynamic_slice_in_dim(rows.read(bank, batch_index, axis_name),
-                                             device * index.shape[0], index.shape[0])
-    per_view[view] = losses.info_nce(anchors[view], jax.lax.stop_gradient(positives),
-                                     pick(bank), cmc.temperature, axis_name=axis_name,
-                                     negative_mask=mask)
+    per_view[view] = bank_lib.loss(anchors[view], bank_lib.own_rows(bank, index, axis_name),
+                                   bank, negatives, cmc.temperature, axis_name)
   embeddings = {view: losses.l2_normalize(jax.lax.stop_gradient(anchors[view]))
                 for view in VIEWS}
   return per_view, {'embeddings': embeddings, 'index': index}
@@ -167,44 +153,38 @@ def _bank_losses(ctx: Context, anchors, banks, index, key):
 def _queue_losses(ctx: Context, anchors, method_state, images):
   """Each view's loss against the other view's keys and queue, and the new keys."""
   cmc, axis_name = ctx.config.cmc, ctx.axis_name
-  (_, key_projections), target_batch_stats = ema.forward(ctx.model, method_state['target'],
-                                                         images)
-  if ctx.config.model.bn == 'local' and axis_name is not None:
-    target_batch_stats = jax.lax.pmean(target_batch_stats, axis_name)
+  (_, key_projections), target_state = ema.forward(ctx.model, method_state['target'], images)
+  if ctx.config.model.bn == 'local':
+    target_state = mean_statistics(target_state, axis_name)
   keys = {view: losses.l2_normalize(k) for view, k in zip(VIEWS, key_projections)}
   per_view = {view: losses.info_nce(anchors[view], keys[OTHER[view]],
                                     method_state['queue'][OTHER[view]], cmc.temperature,
                                     axis_name=axis_name)
               for view in VIEWS}
-  return per_view, {'keys': keys, 'target_batch_stats': target_batch_stats}
+  return per_view, {'keys': keys, 'target_model_state': target_state}
 
 
 def update_state(ctx: Context, method_state, params, for_update, step):
   del step
   cmc, axis_name = ctx.config.cmc, ctx.axis_name
   if cmc.negatives == 'membank':
-    # Each seen image's row <- normalise(m * row + (1 - m) * its new embedding).
-    index = rows.gather(for_update['index'], axis_name)
-    banks = {}
-    for view in VIEWS:
-      shard = method_state['bank'][view]
-      embeddings = rows.gather(for_update['embeddings'][view], axis_name)
-      _, local = rows.owned(index, shard, axis_name)
-      mixed = cmc.bank_momentum * shard[local] + (1.0 - cmc.bank_momentum) * embeddings
-      banks[view] = rows.write(shard, index, losses.l2_normalize(mixed), axis_name)
-    return {'bank': banks}
-  pointer = method_state['queue_pointer']
+    return {'bank': {view: bank_lib.update(method_state['bank'][view], for_update['index'],
+                                           for_update['embeddings'][view],
+                                           cmc.bank_momentum, axis_name)
+                     for view in VIEWS}}
+  pointer = method_state[queue_lib.POINTER]
   queues = {}
   for view in VIEWS:     # the same pointer: both queues take one key per image
-    queues[view], new_pointer = moco.enqueue(method_state['queue'][view], pointer,
-                                             for_update['keys'][view], axis_name,
-                                             cmc.queue_size)
+    queues[view], new_pointer = queue_lib.enqueue(method_state['queue'][view], pointer,
+                                                  for_update['keys'][view], axis_name,
+                                                  cmc.queue_size)
   return {'target': ema.update(method_state['target'], params,
-                               for_update['target_batch_stats'],
+                               for_update['target_model_state'],
                                jnp.asarray(cmc.momentum, jnp.float32)),
-          'queue': queues, 'queue_pointer': new_pointer}
+          'queue': queues, queue_lib.POINTER: new_pointer}
 
 
-METHOD = Method(name='cmc', loss=loss, build_model=build_model, views=views,
+METHOD = Method(name='cmc', loss=loss, default_config=default_config,
+                build_model=build_model, backbone=backbone, views=views,
                 check_config=check_config, check_run=check_run, init_state=init_state,
                 state_specs=state_specs, update_state=update_state)

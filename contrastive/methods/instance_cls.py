@@ -28,14 +28,27 @@ export and downstream evaluation read only the encoder.
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from contrastive import losses
 from contrastive import parallel
 from contrastive.methods import rows
-from contrastive.methods.contract import Batch, Context, LossOutput, Method, two_views
+from contrastive.methods.contract import (Batch, Context, LossOutput, Method, forward,
+                                          replica_key, two_views)
 
 CLASSIFIER = 'classifier'
+
+
+def default_config() -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict()
+  section.temperature = 0.2         # cosine logits / T (normalize=True)
+  section.normalize = True          # L2-normalised rows and features
+  section.contrastive_prior = True  # rows <- the random network's features
+  section.smoothing = 0.0           # alpha: target 1 - alpha on i, alpha / K on its K
+  section.smoothing_neighbours = 5  # K most similar rows, found once an epoch
+  section.neighbour_chunk = 1024    # rows scored at a time by that search
+  return section
 
 
 def check_config(config) -> list[str]:
@@ -125,12 +138,11 @@ def targets(ctx: Context, method_state, index, axis_name):
           jnp.broadcast_to(weights, (index.shape[0], k + 1)))
 
 
-def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
-  del key
+def loss(ctx: Context, params, model_state, method_state, batch: Batch, key) -> LossOutput:
   config, axis_name = ctx.config, ctx.axis_name
-  (features, projections), updates = ctx.model.apply(
-      {'params': _network(params), 'batch_stats': batch_stats}, batch.views[0],
-      train=True, mutable=['batch_stats'])
+  (features, projections), model_state = forward(
+      ctx.model, {'params': _network(params), **model_state}, batch.views[0],
+      replica_key(key, axis_name))
   if config.instance_cls.normalize:
     projections = losses.l2_normalize(projections)
   queries = rows.gather(projections, axis_name)                        # [B, d]
@@ -149,15 +161,14 @@ def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> 
   value = jnp.mean(jax.lax.dynamic_slice_in_dim(per_image, device * n, n))
   if axis_name is not None:
     value = jax.lax.pmean(value, axis_name)
-  return LossOutput(loss=value, batch_stats=updates['batch_stats'], features=features)
+  return LossOutput(loss=value, model_state=model_state, features=features)
 
 
-def write_prior(ctx: Context, params, batch_stats, method_state, images, index, mask):
+def write_prior(ctx: Context, params, model_state, method_state, images, index, mask):
   """The contrastive prior: each image's row <- its normalised head output."""
   axis_name = ctx.axis_name
-  (_, projections), _ = ctx.model.apply(
-      {'params': _network(params), 'batch_stats': batch_stats}, images, train=True,
-      mutable=['batch_stats'])
+  (_, projections), _ = forward(ctx.model, {'params': _network(params), **model_state},
+                                images)
   features = rows.gather(losses.l2_normalize(projections), axis_name)
   weights = rows.write(params[CLASSIFIER], rows.gather(index, axis_name), features,
                        axis_name, keep=rows.gather(mask, axis_name))
@@ -177,6 +188,7 @@ def epoch_work(config):
   return start_epoch if _smoothing(config) else None
 
 
-METHOD = Method(name='instance_cls', loss=loss, views=views, check_config=check_config,
+METHOD = Method(name='instance_cls', loss=loss, default_config=default_config, views=views,
+                check_config=check_config,
                 init_params=init_params, param_specs=param_specs, init_state=init_state,
                 state_specs=state_specs, start_epoch=epoch_work, init_from_data=prior)

@@ -2,11 +2,8 @@
 
 Keys come from an EMA target network (:mod:`contrastive.methods.ema`), the key
 encoder, which never receives gradients. The queue of the last K keys is one
-global FIFO ring, split across devices by rows (K / n each, device d holding rows
-``[d K/n, (d + 1) K/n)``): every step the global batch's keys are gathered and
-each device writes those that fall into its rows at the ring pointer. The queue,
-its order and its checkpoint are therefore the same on any number of devices, and
-a run resumed on another device count re-lays it out like any split array.
+global FIFO ring split across devices by rows (:mod:`contrastive.methods.queue`),
+the same on any number of devices.
 
 Key-encoder BatchNorm (``config.moco.key_bn``): 'global' (synchronised across
 replicas), 'local' (per device) or 'shuffle' (MoCo's shuffle BN: the key batch is
@@ -20,16 +17,32 @@ depend on the device count (each device holds G / n whole groups).
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from contrastive import losses
 from contrastive import models
-from contrastive import parallel
 from contrastive.methods import ema
-from contrastive.methods import rows
-from contrastive.methods.contract import Batch, Context, LossOutput, Method
+from contrastive.methods import queue as queue_lib
+from contrastive.methods.contract import (Batch, Context, LossOutput, Method, forward,
+                                          mean_statistics, replica_key)
 
 KEY_BN_MODES = ('shuffle', 'global', 'local')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict()
+  section.queue_size = 65536           # K keys, split across devices; multiple of the batch
+  section.momentum = 0.999             # key encoder EMA
+  section.momentum_schedule = 'constant'  # or 'cosine' (from momentum towards 1)
+  section.temperature = 0.07
+  section.key_bn = 'shuffle'           # key encoder BN: 'shuffle', 'global' or 'local'
+  section.symmetric = False            # both views as queries (sum of both losses)
+  # key_bn='shuffle': the global key batch is cut into this many groups, each
+  # normalised with its own statistics (MoCo's split BN on one device); 0: one
+  # group per device. A fixed number makes the keys independent of the device count.
+  section.bn_groups = 0
+  return section
 
 
 def keys_per_step(config) -> int:
@@ -55,12 +68,10 @@ def check_config(config) -> list[str]:
   elif groups and per_step % groups:
     problems.append(f'config.moco.bn_groups={groups} must divide the {per_step} keys '
                     'of a step (the global batch, x 2 with the symmetric loss).')
-  if per_step > 0 and (moco.queue_size <= 0 or moco.queue_size % per_step):
-    views = ' x 2 views (symmetric loss)' if moco.symmetric else ''
-    problems.append(
-        f'config.moco.queue_size={moco.queue_size} must be a positive multiple of the '
-        f'keys enqueued per step, {per_step} (global batch {config.global_batch_size}'
-        f'{views}); try {max(1, moco.queue_size // per_step) * per_step}.')
+  views = ' x 2 views (symmetric loss)' if moco.symmetric else ''
+  problems += queue_lib.size_problems(
+      'moco.queue_size', moco.queue_size, per_step,
+      f'{per_step} (global batch {config.global_batch_size}{views})')
   return problems
 
 
@@ -69,29 +80,23 @@ def check_run(config, run) -> list[str]:
   if groups and groups % run.num_devices:
     return [f'config.moco.bn_groups={groups} must be a multiple of the {run.num_devices} '
             'devices, so that each device normalises whole groups.']
-  if config.moco.queue_size > run.num_examples:
-    per_step = keys_per_step(config)
-    fits = run.num_examples // per_step * per_step
-    return [f'config.moco.queue_size={config.moco.queue_size} is larger than the training '
-            f'split ({run.num_examples} images): the queue would hold keys of the very '
-            f'images in the batch, positives as negatives; use at most {fits}.']
-  return []
+  return queue_lib.split_problems('moco.queue_size', config.moco.queue_size,
+                                  keys_per_step(config), run.num_examples)
 
 
 def init_state(ctx: Context, variables, key):
   config = ctx.config
-  queue = losses.l2_normalize(
-      jax.random.normal(key, (config.moco.queue_size, config.head.out_dim), jnp.float32))
-  return {'target': ema.init(variables), 'queue': queue,
-          'queue_pointer': jnp.zeros((), jnp.int32)}
+  return {'target': ema.init(variables),
+          'queue': queue_lib.random_keys(key, config.moco.queue_size, config.head.out_dim),
+          queue_lib.POINTER: queue_lib.init_pointer()}
 
 
 def state_specs(config):
   del config
-  return {'target': P(), 'queue': P(parallel.AXIS), 'queue_pointer': P()}
+  return {'target': P(), **queue_lib.specs()}
 
 
-def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> LossOutput:
+def loss(ctx: Context, params, model_state, method_state, batch: Batch, key) -> LossOutput:
   moco = ctx.config.moco
   view1, view2 = batch.views
   if moco.symmetric:        # both views are queries; each one's key is the other view
@@ -99,23 +104,22 @@ def loss(ctx: Context, params, batch_stats, method_state, batch: Batch, key) -> 
     key_views = jnp.concatenate([view2, view1])
   else:
     query_views, key_views = view1, view2
-  (features, queries), updates = ctx.model.apply(
-      {'params': params, 'batch_stats': batch_stats}, query_views, train=True,
-      mutable=['batch_stats'])
-  keys, target_batch_stats = compute_keys(ctx.model, method_state['target'], key_views, key,
-                                          moco.key_bn, ctx.axis_name, moco.bn_groups)
+  (features, queries), model_state = forward(
+      ctx.model, {'params': params, **model_state}, query_views,
+      replica_key(key, ctx.axis_name))
+  keys, target_state = compute_keys(ctx.model, method_state['target'], key_views, key,
+                                    moco.key_bn, ctx.axis_name, moco.bn_groups)
   value = losses.info_nce(queries, keys, method_state['queue'], moco.temperature,
                           axis_name=ctx.axis_name)
   if moco.symmetric:        # the sum of both directions, as in MoCo's CIFAR recipe
     value = 2.0 * value
-  return LossOutput(loss=value, batch_stats=updates['batch_stats'],
-                    features=features[:view1.shape[0]],
-                    for_update={'keys': keys, 'target_batch_stats': target_batch_stats})
+  return LossOutput(loss=value, model_state=model_state, features=features[:view1.shape[0]],
+                    for_update={'keys': keys, 'target_model_state': target_state})
 
 
 def compute_keys(model, target, views, key, key_bn: str, axis_name, bn_groups: int = 0):
   """L2-normalised key projections of ``views`` by the EMA ``target`` network, and
-  its new BN statistics (averaged over replicas unless synchronised already).
+  its new model state (statistics averaged over replicas unless synchronised).
   ``bn_groups`` > 0: the shuffled global batch normalised in that many groups."""
   key_model = models.with_bn_axis(model, axis_name if key_bn == 'global' else None)
   shuffle = key_bn == 'shuffle' and axis_name is not None
@@ -123,24 +127,24 @@ def compute_keys(model, target, views, key, key_bn: str, axis_name, bn_groups: i
     views, unshuffle = shuffle_across_devices(views, key, axis_name)
   if bn_groups:
     devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-    (_, keys), batch_stats = grouped_forward(key_model, target, views, bn_groups // devices)
+    (_, keys), model_state = grouped_forward(key_model, target, views, bn_groups // devices)
   else:
-    (_, keys), batch_stats = ema.forward(key_model, target, views)
+    (_, keys), model_state = ema.forward(key_model, target, views)
   if shuffle:
     keys = unshuffle(keys)
-  if key_bn != 'global' and axis_name is not None:
-    batch_stats = jax.lax.pmean(batch_stats, axis_name)
-  return losses.l2_normalize(keys), batch_stats
+  if key_bn != 'global':
+    model_state = mean_statistics(model_state, axis_name)
+  return losses.l2_normalize(keys), model_state
 
 
 def grouped_forward(model, target, images, groups: int):
   """:func:`ema.forward` on ``groups`` consecutive slices of ``images``, each with
   its own BatchNorm statistics; the running statistics are their mean, as in
-  MoCo's split BatchNorm."""
+  MoCo's split BatchNorm (the rest of the model state is the same in every group)."""
   grouped = images.reshape(groups, images.shape[0] // groups, *images.shape[1:])
-  outputs, batch_stats = jax.vmap(lambda x: ema.forward(model, target, x))(grouped)
+  outputs, model_state = jax.vmap(lambda x: ema.forward(model, target, x))(grouped)
   outputs = jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), outputs)
-  return outputs, jax.tree.map(lambda s: jnp.mean(s, axis=0), batch_stats)
+  return outputs, jax.tree.map(lambda s: jnp.mean(s, axis=0), model_state)
 
 
 def shuffle_across_devices(x, key, axis_name):
@@ -163,29 +167,20 @@ def shuffle_across_devices(x, key, axis_name):
   return mine, unshuffle
 
 
-def enqueue(queue, pointer, keys, axis_name, queue_size: int):
-  """This device's rows of the global FIFO queue after the step's keys (this
-  device's part of them; gathered here) are written at the ring ``pointer``,
-  over the oldest keys; and the new pointer."""
-  everything = rows.gather(keys, axis_name)
-  positions = pointer + jnp.arange(everything.shape[0])   # never wraps: K % keys == 0
-  queue = rows.write(queue, positions, everything.astype(queue.dtype), axis_name)
-  return queue, (pointer + everything.shape[0]) % queue_size
-
-
 def update_state(ctx: Context, method_state, params, for_update, step):
   moco = ctx.config.moco
   momentum = ema.momentum_at(step, moco.momentum, moco.momentum_schedule,
                              ctx.run.total_steps)
-  queue, pointer = enqueue(method_state['queue'], method_state['queue_pointer'],
-                           for_update['keys'], ctx.axis_name, moco.queue_size)
+  queue, pointer = queue_lib.enqueue(method_state['queue'], method_state[queue_lib.POINTER],
+                                     for_update['keys'], ctx.axis_name, moco.queue_size)
   return {
       'target': ema.update(method_state['target'], params,
-                           for_update['target_batch_stats'], momentum),
+                           for_update['target_model_state'], momentum),
       'queue': queue,
-      'queue_pointer': pointer,
+      queue_lib.POINTER: pointer,
   }
 
 
-METHOD = Method(name='moco', loss=loss, check_config=check_config, check_run=check_run,
-                init_state=init_state, state_specs=state_specs, update_state=update_state)
+METHOD = Method(name='moco', loss=loss, default_config=default_config,
+                check_config=check_config, check_run=check_run, init_state=init_state,
+                state_specs=state_specs, update_state=update_state)

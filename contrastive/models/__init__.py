@@ -1,20 +1,32 @@
-"""Encoders and projection heads, built from the ``model`` and ``head`` configs."""
+"""Encoders and projection heads, built from the ``model`` and ``head`` configs.
+
+Encoders are chosen by ``model.name``: the ResNets of :mod:`.resnet`
+(``resnet10`` ... ``resnet152``: ``model.width``, ``stem``, ``norm``,
+``remat_stages``) and the Vision Transformers of :mod:`.vit` (``vit_tiny``,
+``vit_small``, ``vit_base``: the fields of ``model.vit``). ``model.precision``,
+``model.bn`` (the heads' BatchNorm, and a BatchNorm ResNet's) and
+``model.bn_momentum`` serve both.
+"""
+
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from contrastive.models import resnet
+from contrastive.models import vit
 from contrastive.models.heads import HiddenLayers, ProjectionHead
-from contrastive.models.resnet import ARCHITECTURES, ResNet
 
 BN_MODES = ('global', 'local')
 PRECISIONS = ('auto', 'float32', 'bfloat16')
+ENCODERS = (*resnet.ARCHITECTURES, *vit.VARIANTS)
 
 
 class EncoderWithHead(nn.Module):
   """Encoder features (what downstream tasks use) and their projection."""
-  encoder: ResNet
+  encoder: nn.Module
   head: ProjectionHead
 
   def __call__(self, images, train: bool):
@@ -44,7 +56,7 @@ class EncoderWithPredictor(nn.Module):
   ``predict`` adds the predictor's output. Initialising through ``__call__``
   creates the predictor's parameters too.
   """
-  encoder: ResNet
+  encoder: nn.Module
   head: ProjectionHead
   predictor: ProjectionHead
 
@@ -79,15 +91,32 @@ def compute_dtype(model: ml_collections.ConfigDict):
   return jnp.dtype(precision)
 
 
-def build_encoder(model: ml_collections.ConfigDict, axis_name: str = 'data') -> ResNet:
-  if model.name not in ARCHITECTURES:
-    raise ValueError(
-        f'model.name={model.name!r} is unknown; valid: {", ".join(ARCHITECTURES)}')
-  stage_sizes, block = ARCHITECTURES[model.name]
-  return ResNet(stage_sizes=stage_sizes, block=block, width=model.width,
-                stem=model.stem, bn_axis_name=bn_axis_name(model, axis_name),
-                bn_momentum=model.bn_momentum, dtype=compute_dtype(model),
-                remat_stages=tuple(model.get('remat_stages', ())))
+def build_encoder(model: ml_collections.ConfigDict, axis_name: str | None = 'data',
+                  feature_maps: Sequence[str] = ()) -> nn.Module:
+  """The encoder ``model.name`` names. ``feature_maps``: a ResNet's stage outputs
+  to return beside the pooled features (:data:`resnet.FEATURE_MAPS`)."""
+  if model.name in vit.VARIANTS:
+    if feature_maps:
+      raise ValueError(f'model.name={model.name!r}: a ViT has no stage feature maps '
+                       f'({", ".join(feature_maps)}); use a ResNet.')
+    section = model.vit
+    return vit.build_vit(
+        model.name, patch_size=section.patch_size, depth=section.depth,
+        hidden_dim=section.hidden_dim, num_heads=section.num_heads, mlp_dim=section.mlp_dim,
+        pooling=section.pooling, position_embedding=section.position_embedding,
+        frozen_patch_projection=section.frozen_patch_projection,
+        drop_path_rate=section.drop_path_rate, remat=section.remat,
+        dtype=compute_dtype(model))
+  if model.name not in resnet.ARCHITECTURES:
+    raise ValueError(f'model.name={model.name!r} is unknown; valid: {", ".join(ENCODERS)}')
+  stage_sizes, block = resnet.ARCHITECTURES[model.name]
+  return resnet.ResNet(stage_sizes=stage_sizes, block=block, width=model.width,
+                       stem=model.stem, bn_axis_name=bn_axis_name(model, axis_name),
+                       bn_momentum=model.bn_momentum, dtype=compute_dtype(model),
+                       remat_stages=tuple(model.get('remat_stages', ())),
+                       norm=model.get('norm', 'batch'),
+                       group_norm_groups=model.get('group_norm_groups', 32),
+                       feature_maps=tuple(feature_maps))
 
 
 def build_model(model: ml_collections.ConfigDict, head: ml_collections.ConfigDict,
@@ -117,14 +146,12 @@ def build_model_with_predictor(model: ml_collections.ConfigDict,
 
 
 def with_bn_axis(model, axis_name: str | None):
-  """The same network with its BatchNorm statistics over ``axis_name`` (None: local)."""
+  """The same network with its BatchNorm statistics over ``axis_name`` (None: per
+  device), an encoder on its own or with its heads; parts without a BatchNorm
+  axis (a ViT) as they are."""
+  if hasattr(model, 'bn_axis_name'):
+    return model.clone(bn_axis_name=axis_name)
   parts = {name: getattr(model, name).clone(bn_axis_name=axis_name)
-           for name in ('encoder', 'head', 'predictor') if hasattr(model, name)}
+           for name in ('encoder', 'head', 'predictor')
+           if hasattr(getattr(model, name, None), 'bn_axis_name')}
   return model.clone(**parts)
-
-
-def encoder_features(model: EncoderWithHead, params, batch_stats, images):
-  """What evaluation and export use: the encoder's pooled features, BN in inference."""
-  features, _ = model.apply({'params': params, 'batch_stats': batch_stats},
-                            images, train=False)
-  return features

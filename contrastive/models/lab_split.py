@@ -47,13 +47,16 @@ class LabSplitEncoder(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   remat_stages: Sequence[int] = ()
+  norm: str = 'batch'
+  group_norm_groups: int = 32
 
   def view_encoder(self) -> ResNet:
     """Each view's ResNet, unbound (its input channels come from its input)."""
     return ResNet(stage_sizes=self.stage_sizes, block=self.block, width=self.width / 2,
                   stem=self.stem, bn_axis_name=self.bn_axis_name,
                   bn_momentum=self.bn_momentum, dtype=self.dtype,
-                  remat_stages=self.remat_stages, parent=None)
+                  remat_stages=self.remat_stages, norm=self.norm,
+                  group_norm_groups=self.group_norm_groups, parent=None)
 
   @property
   def num_features(self) -> int:
@@ -84,10 +87,14 @@ class ViewHeads(nn.Module):
 
 def build_encoder(model: ml_collections.ConfigDict, axis_name: str = 'data') -> LabSplitEncoder:
   resnet = models.build_encoder(model, axis_name)
+  if not isinstance(resnet, ResNet):
+    raise ValueError(f'model.name={model.name!r}: CMC splits an image into two ResNets; '
+                     'choose a ResNet (resnet10 ... resnet152).')
   return LabSplitEncoder(stage_sizes=resnet.stage_sizes, block=resnet.block,
                          width=resnet.width, stem=resnet.stem,
                          bn_axis_name=resnet.bn_axis_name, bn_momentum=resnet.bn_momentum,
-                         dtype=resnet.dtype, remat_stages=resnet.remat_stages)
+                         dtype=resnet.dtype, remat_stages=resnet.remat_stages,
+                         norm=resnet.norm, group_norm_groups=resnet.group_norm_groups)
 
 
 def build_model(model: ml_collections.ConfigDict, head: ml_collections.ConfigDict,
