@@ -37,6 +37,8 @@ _LONGEST_FIRST = (
     'tests/test_robustness.py::test_sigterm_saves_the_step_in_flight',
     'tests/test_cmc.py::test_a_killed_run_resumes',
     'tests/test_byol_moco_v3.py::test_killed_run_resumes',
+    'tests/test_vit_runs.py::test_a_killed_vit_run_resumes',
+    'tests/test_new_method_and_encoder.py::test_it_trains',
     'tests/test_train_step.py::test_online_probe_and_local_bn',
     'tests/test_custom_method.py::test_a_method_defined_here_trains',
     'tests/test_simclr_v2.py::test_resumed_run_with_the_queue',
