@@ -67,8 +67,11 @@ def _open(workdir: str):
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist: the run in {workdir} saved '
                             'no checkpoint yet.')
+  from contrastive import checkpoint  # pylint: disable=g-import-not-at-top
+  # Both items named, so that Orbax knows the run record it is not asked for.
   return ocp.CheckpointManager(
-      directory, item_handlers=ocp.PyTreeCheckpointHandler(),
+      directory, item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler(),
+                                checkpoint.RUN: ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                            save_interval_steps=0))
 
@@ -101,7 +104,7 @@ def _trained_fields(manager, step: int) -> tuple[dict, dict]:
   leaves. A checkpoint written before the model state was generic holds its
   BatchNorm statistics at the top (``batch_stats``): they are its model state."""
   from contrastive import checkpoint  # pylint: disable=g-import-not-at-top
-  saved = checkpoint.upgraded(_tagged(dict(manager.item_metadata(step).tree)))
+  saved = checkpoint.upgraded(_tagged(dict(manager.item_metadata(step)[checkpoint.STATE].tree)))
   return saved['params'], saved['model_state']
 
 
@@ -120,9 +123,12 @@ def _restore(manager, step: int, selection):
     return selection
   # restore_type=np.ndarray ignores the shardings recorded at save time, so any
   # device count can read them.
-  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-      item=item, partial_restore=True,
-      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+  from contrastive import checkpoint  # pylint: disable=g-import-not-at-top
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      checkpoint.STATE: ocp.args.PyTreeRestore(
+          item=item, partial_restore=True,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    item))}))[checkpoint.STATE]
 
   def value(leaf):
     node = restored
