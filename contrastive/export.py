@@ -231,9 +231,29 @@ class _PortablePickler(pickle.Pickler):
     return NotImplemented
 
 
+def detectron2_checkpoint(pretrained: reader.Pretrained, source: str) -> bytes:
+  """The pickled checkpoint of :func:`export_detectron2` (``source``: what it was
+  exported from, detectron2 logs it).
+
+  The names are those of detectron2's bare ResNet (``stem.conv1``, ``res2`` ...
+  ``res5``); in a detection model the backbone sits under ``backbone.`` (C4:
+  ``res5`` under ``roi_heads.``) or ``backbone.bottom_up.`` (FPN). With
+  ``matching_heuristics`` detectron2's checkpointer matches each file name to the
+  model name it ends with, so one file serves every such model (MoCo's
+  conversion script writes the same flag); without it, exact names are needed
+  and detectron2 loads none of these, only logging that they were not used.
+  """
+  state = {'model': torch_resnet.detectron2_state_dict(pretrained),
+           '__author__': source, 'matching_heuristics': True}
+  buffer = io.BytesIO()
+  _PortablePickler(buffer, protocol=4).dump(state)
+  return buffer.getvalue()
+
+
 def export_detectron2(workdir: str, out_path: str, step: int | None = None,
                       head_layers: int = 0, method=None) -> None:
-  """A .pkl that detectron2's ``DetectionCheckpointer`` loads by exact names.
+  """A .pkl that detectron2's ``DetectionCheckpointer`` loads into its detection
+  models' ResNet (Faster / Mask R-CNN, C4 or FPN): see :func:`detectron2_checkpoint`.
 
   Config to match it: ``MODEL.WEIGHTS=<out_path>``, ``MODEL.RESNETS.DEPTH`` the
   depth (18, 34, 50, 101 or 152; detectron2 has no 10), ``MODEL.RESNETS.STRIDE_IN_1X1
@@ -245,13 +265,8 @@ def export_detectron2(workdir: str, out_path: str, step: int | None = None,
   ``RES2_OUT_CHANNELS`` = 4 int(64 w).
   """
   pretrained = reader.load_pretrained(workdir, step, head_layers, method)
-  checkpoint = {'model': torch_resnet.detectron2_state_dict(pretrained),
-                '__author__': f'contrastive.export of {paths.resolve(workdir)} '
-                              f'step {pretrained.step}',
-                'matching_heuristics': False}
-  buffer = io.BytesIO()
-  _PortablePickler(buffer, protocol=4).dump(checkpoint)
-  paths.resolve(out_path).write_bytes(buffer.getvalue())
+  paths.resolve(out_path).write_bytes(detectron2_checkpoint(
+      pretrained, f'contrastive.export of {paths.resolve(workdir)} step {pretrained.step}'))
 
 
 # ----------------------------------------------------------------------- command line
