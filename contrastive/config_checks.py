@@ -233,6 +233,22 @@ def _vit_size_problems(config) -> list[str]:
   return problems
 
 
+def method_section_problems(config, method) -> list[str]:
+  """The method's section (``config.<method.name>``) is there and holds only the
+  fields of the method's :attr:`~contrastive.methods.Method.default_config`."""
+  defaults = method.default_config()
+  if defaults is None:
+    return []
+  if method.name not in config:
+    return [f'config.{method.name} is missing: the {method.name!r} method reads its '
+            'section there. Start from contrastive.config.base_config(), or for a '
+            'method of your own call contrastive.config.add_method_section(config, '
+            'METHOD).']
+  unknown = sorted(set(config[method.name]) - set(defaults))
+  return [f'config.{method.name}.{name} is not a field of the {method.name!r} method; '
+          f'valid: {", ".join(defaults)}' for name in unknown]
+
+
 def predictor_problems(config) -> list[str]:
   """The ``predictor`` section, for the methods that have one (BYOL, MoCo v3)."""
   return _fields(config, (('predictor.num_layers', HEAD_LAYERS),

@@ -49,7 +49,7 @@ from contrastive.data import evaluation as eval_data
 from contrastive.data import in_memory
 from contrastive.data import sources
 from contrastive.evaluate import features as features_lib
-from contrastive.methods import View, get_method
+from contrastive.methods import View
 from contrastive.methods.contract import forward, model_state_of
 
 AXIS = parallel.AXIS
@@ -82,14 +82,13 @@ class Backbone(NamedTuple):
   num_features: int
 
 
-def load_backbone(config, pretrained: reader.Pretrained, method=None) -> Backbone:
+def load_backbone(config, pretrained: reader.Pretrained) -> Backbone:
   """The backbone, or with ``config.head_layers`` the backbone and that many of
   the pretrained head's hidden layers, from the same checkpoint."""
   if config.head_layers:
     pretrained = reader.with_head_layers(pretrained, config.pretrained, config.head_layers)
   module = pretrained.encoder
-  method = method or get_method(pretrained.config.method)
-  synchronised = method.backbone(pretrained.config, AXIS)
+  synchronised = pretrained.method.backbone(pretrained.config, AXIS)
   if isinstance(module, models.EncoderWithHeadLayers):
     synchronised = module.clone(encoder=synchronised,
                                 head=module.head.clone(bn_axis_name=AXIS))
@@ -309,7 +308,7 @@ def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption,
   # --- pretrained backbone
   pretrained = _load_pretrained(config, _pretrained_step(config, run_dir, run_dir.path),
                                 method)
-  backbone = load_backbone(config, pretrained, method)
+  backbone = load_backbone(config, pretrained)
   loaded = jax.tree.map(np.array, backbone.variables)     # host copy for the final check
   data = _resolve_data(config.data, pretrained.config.data)
   aug = _train_aug(config, pretrained.config.aug)

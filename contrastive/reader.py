@@ -31,6 +31,7 @@ class Pretrained(NamedTuple):
   encoder: Any          # the method's backbone (flax module), or models.EncoderWithHeadLayers
   variables: dict       # the backbone's Flax variables ({'params', 'batch_stats'}), numpy
   step: int
+  method: Any           # the run's contrastive.methods.Method, whose backbone it is
 
 
 class _Saved(NamedTuple):
@@ -159,7 +160,7 @@ def load_pretrained(workdir: str, step: int | None = None, head_layers: int = 0,
   finally:
     manager.close()
   pretrained = Pretrained(config=config, encoder=method.backbone(config),
-                          variables=variables, step=int(step))
+                          variables=variables, step=int(step), method=method)
   return with_head_layers(pretrained, workdir, head_layers) if head_layers else pretrained
 
 

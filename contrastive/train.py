@@ -214,7 +214,7 @@ def init_state(method: Method, ctx: Context, tx, mesh,
 
 def check_config(config: ml_collections.ConfigDict, method: Method) -> None:
   """The whole config, the method's section and every view's augmentation."""
-  config_checks.raise_if(_section_problems(config, method))
+  config_checks.raise_if(config_checks.method_section_problems(config, method))
   problems = list(method.check_config(config))
   if config.method != method.name:
     problems.append(f'config.method={config.method!r}, but the method given is '
@@ -222,21 +222,6 @@ def check_config(config: ml_collections.ConfigDict, method: Method) -> None:
   for view in method.views(config):
     problems += config_checks.check_augmentation(view.aug, view.field)
   config_checks.validate_pretraining(config, extra=problems)
-
-
-def _section_problems(config, method: Method) -> list[str]:
-  """The method's section is there and holds only the method's own fields."""
-  defaults = method.default_config()
-  if defaults is None:
-    return []
-  if method.name not in config:
-    return [f'config.{method.name} is missing: the {method.name!r} method reads its '
-            'section there. Start from contrastive.config.base_config(), or for a '
-            'method of your own call contrastive.config.add_method_section(config, '
-            'METHOD).']
-  unknown = sorted(set(config[method.name]) - set(defaults))
-  return [f'config.{method.name}.{name} is not a field of the {method.name!r} method; '
-          f'valid: {", ".join(defaults)}' for name in unknown]
 
 
 # ----------------------------------------------------------------------------- main

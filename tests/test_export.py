@@ -87,7 +87,7 @@ def _random_pretrained(name: str, stem: str = 'imagenet', width: float = 1.0,
   config.model.name, config.model.stem, config.model.width = name, stem, width
   return reader.Pretrained(config=config, encoder=encoder,
                            variables=jax.tree_util.tree_map_with_path(value, shapes),
-                           step=7)
+                           step=7, method=get_method('simclr'))
 
 
 # ----------------------------------------------------------------------------- loader

@@ -21,9 +21,11 @@ from contrastive.methods import rows
 
 
 class Negatives(NamedTuple):
-  """The step's negatives, the same rows in every bank split alike."""
+  """The step's draws, the same rows in every bank split alike."""
   pick: Callable            # bank shard -> the negative rows this device holds
   mask: jax.Array           # [B, rows picked]: owned, real, not the image's own row
+  batch_index: jax.Array    # [B]: the global batch's rows (gathered once)
+  local_batch: int          # this replica's images: its part of the global batch
 
 
 def init(key, num_examples: int, num_devices: int, dim: int):
@@ -48,20 +50,18 @@ def draw_negatives(key, layout, index, num_negatives: int, num_examples: int,
     owned, pick = negative_rows < num_examples, lambda bank: bank
   # An image's own row is its positive, never one of its negatives. The mask's
   # rows are the global batch's images, as the sharded softmax scores them.
-  return Negatives(pick, owned[None, :] & (negative_rows[None, :] != batch_index[:, None]))
+  mask = owned[None, :] & (negative_rows[None, :] != batch_index[:, None])
+  return Negatives(pick, mask, batch_index, index.shape[0])
 
 
-def own_rows(bank, index, axis_name):
-  """The rows of this replica's images (every replica reads the whole batch's
-  rows; each keeps its own images')."""
+def loss(queries, bank, negatives: Negatives, temperature: float, axis_name):
+  """InfoNCE of this replica's ``queries`` against their images' rows of
+  ``bank`` (no gradient) and its drawn rows. Every replica reads the whole
+  batch's rows; each keeps its own images'."""
   device, _ = rows.shard_position(bank, axis_name)
-  everything = rows.read(bank, rows.gather(index, axis_name), axis_name)
-  return jax.lax.dynamic_slice_in_dim(everything, device * index.shape[0], index.shape[0])
-
-
-def loss(queries, positives, bank, negatives: Negatives, temperature: float, axis_name):
-  """InfoNCE of ``queries`` against their ``positives`` (bank rows, no gradient)
-  and the drawn rows of ``bank``."""
+  everything = rows.read(bank, negatives.batch_index, axis_name)
+  n = negatives.local_batch
+  positives = jax.lax.dynamic_slice_in_dim(everything, device * n, n)
   return losses.info_nce(queries, jax.lax.stop_gradient(positives), negatives.pick(bank),
                          temperature, axis_name=axis_name, negative_mask=negatives.mask)
 

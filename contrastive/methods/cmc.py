@@ -15,9 +15,10 @@ The negatives, ``config.cmc.negatives``:
 
 - ``'membank'``: one memory bank per view, one row per training image, split
   across devices by rows and updated with momentum ``bank_momentum``
-  (:mod:`contrastive.methods.bank`, the memory bank's). An anchor's positive is the other view's
-  row of its image; its negatives are ``num_negatives`` rows drawn uniformly (the
-  same rows in both banks), or the whole bank for 0, never its own image's row.
+  (:mod:`contrastive.methods.bank`, the memory bank's). An anchor's positive is
+  the other view's row of its image; its negatives are ``num_negatives`` rows
+  drawn uniformly (the same rows in both banks), or the whole bank for 0, never
+  its own image's row.
 - ``'queue'``: MoCo-style. An EMA copy of the whole network (momentum
   ``momentum``) is each view's key encoder, and each view has one global FIFO
   queue of ``queue_size`` keys, split across devices
@@ -140,11 +141,8 @@ def _bank_losses(ctx: Context, anchors, banks, index, key):
   cmc, axis_name = ctx.config.cmc, ctx.axis_name
   negatives = bank_lib.draw_negatives(key, banks[VIEWS[0]], index, cmc.num_negatives,
                                       ctx.run.num_examples, axis_name)   # split alike
-  per_view = {}
-  for view in VIEWS:
-    bank = banks[OTHER[view]]
-    per_view[view] = bank_lib.loss(anchors[view], bank_lib.own_rows(bank, index, axis_name),
-                                   bank, negatives, cmc.temperature, axis_name)
+  per_view = {view: bank_lib.loss(anchors[view], banks[OTHER[view]], negatives,
+                                  cmc.temperature, axis_name) for view in VIEWS}
   embeddings = {view: losses.l2_normalize(jax.lax.stop_gradient(anchors[view]))
                 for view in VIEWS}
   return per_view, {'embeddings': embeddings, 'index': index}

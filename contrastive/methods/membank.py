@@ -59,8 +59,7 @@ def loss(ctx: Context, params, model_state, method_state, batch: Batch, key) -> 
                                              batch.views[0], replica_key(key, axis_name))
   negatives = bank_lib.draw_negatives(key, shard, batch.index, section.num_negatives,
                                       ctx.run.num_examples, axis_name)
-  value = bank_lib.loss(queries, bank_lib.own_rows(shard, batch.index, axis_name), shard,
-                        negatives, section.temperature, axis_name)
+  value = bank_lib.loss(queries, shard, negatives, section.temperature, axis_name)
   for_update = {'embeddings': losses.l2_normalize(jax.lax.stop_gradient(queries)),
                 'index': batch.index}
   return LossOutput(loss=value, model_state=model_state, features=features,
