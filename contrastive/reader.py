@@ -15,6 +15,7 @@ read a workdir, so that importing this module stays cheap.
 
 import functools
 import json
+import logging
 from typing import Any, NamedTuple
 
 import jax
@@ -70,11 +71,22 @@ def _open(workdir: str):
                             'no checkpoint yet.')
   from contrastive import checkpoint  # pylint: disable=g-import-not-at-top
   # Both items named, so that Orbax knows the run record it is not asked for.
-  return ocp.CheckpointManager(
-      directory, item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler(),
-                                checkpoint.RUN: ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0))
+  # Read-only, which Orbax announces in a warning on every open: it is what
+  # was asked for here, so the notice is dropped.
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(_drop_read_only_notice)
+  try:
+    return ocp.CheckpointManager(
+        directory, item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler(),
+                                  checkpoint.RUN: ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0))
+  finally:
+    absl_logger.removeFilter(_drop_read_only_notice)
+
+
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith('Given directory is read only')
 
 
 def _pick_step(manager, step: int | None) -> int:
