@@ -34,6 +34,7 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 # wait on one of them at the end (a test left out here only runs later).
 _LONGEST_FIRST = (
     'tests/test_trainer.py::test_two_processes_match_one_process',
+    'tests/test_transfer.py::test_fine_tunes_the_exported_backbone_and_evaluates',
     'tests/test_robustness.py::test_sigterm_saves_the_step_in_flight',
     'tests/test_cmc.py::test_a_killed_run_resumes',
     'tests/test_byol_moco_v3.py::test_killed_run_resumes',

@@ -68,13 +68,18 @@ CONFIGS = ('PascalVOC-Detection/faster_rcnn_R_50_C4.yaml',
            'COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml')
 
 
-@pytest.fixture(scope='module', name='detectron2_report')
-def fixture_detectron2_report(tmp_path_factory):
+def require_detectron2():
+  """Fails in CI without detectron2, skips elsewhere."""
   if importlib.util.find_spec('detectron2') is None:
     if os.environ.get('CI') == 'true':
-      pytest.fail('detectron2 is not installed, and CI must test the detectron2 export '
+      pytest.fail('detectron2 is not installed, and CI must test the detectron2 path '
                   'with it: pip install ../shared/wheels/detectron2-0.6-*.whl')
     pytest.skip('detectron2 is not installed (see its installation docs)')
+
+
+@pytest.fixture(scope='module', name='detectron2_report')
+def fixture_detectron2_report(tmp_path_factory):
+  require_detectron2()
   pretrained = test_export._random_pretrained('resnet50')   # pylint: disable=protected-access
   folder = tmp_path_factory.mktemp('detectron2')
   path = folder / 'r50.pkl'
