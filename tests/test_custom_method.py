@@ -1,6 +1,6 @@
 """A complete method written outside the library, trained by the real trainer.
 
-The method below is the README's "Writing a method" example: two asymmetric views
+The method below is the second example of docs/writing-a-method.md: two asymmetric views
 (the second one smaller and solarized, from its own config section), an online
 network with a predictor, an EMA target network, and a symmetrised
 cosine-similarity loss. It uses only the public contract in

@@ -1,4 +1,4 @@
-r"""Every method's own CIFAR-10 recipe on one shared budget: the README's learning table.
+r"""Every method's own CIFAR-10 recipe on one shared budget: the learning table of docs/methods.md.
 
     python -m contrastive.studies.methods --config=configs/methods_study.py \
         --workdir=/tmp/methods --config.budget.data_path=/data/cifar10/train
