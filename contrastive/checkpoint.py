@@ -17,12 +17,17 @@ written before the model state was generic hold the BatchNorm statistics at the
 top of the state (``batch_stats``); they restore as that model state.
 """
 
+import contextlib
 import dataclasses
+import errno
+import logging
+import re
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -71,16 +76,116 @@ def make_manager(directory: epath.Path, keep: int) -> ocp.CheckpointManager:
                      RUN: ocp.JsonCheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, state, run: dict) -> None:
-  """Asynchronous save of ``state`` and the ``run`` record; the next save or
-  :func:`finish` waits for it."""
-  manager.save(int(jax.device_get(state.step)), args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(state), RUN: ocp.args.JsonSave(run)}))
+class SaveFailed(OSError):
+  """A checkpoint (or another file of the run) could not be written: the run stops
+  rather than train on unsaved."""
 
 
-def finish(manager: ocp.CheckpointManager) -> None:
-  manager.wait_until_finished()
-  manager.close()
+# Causes of a failed save that the user can act on, by errno.
+_CAUSES = {errno.ENOSPC: ('no space left on the device', 'Free space there'),
+           errno.EDQUOT: ('disk quota exceeded', 'Free space there'),
+           errno.EACCES: ('permission denied', 'Make the folder writable'),
+           errno.EPERM: ('operation not permitted', 'Make the folder writable'),
+           errno.EROFS: ('the file system is read-only', 'Give a writable --workdir')}
+
+
+class Saves:
+  """The run's asynchronous checkpoint saves, and their failures in one line.
+
+  Orbax writes a checkpoint in a background thread; a failure there (a full
+  disk, a lost permission, a bucket error) would only surface at the next save,
+  possibly a thousand steps later. :meth:`check`, called after every step,
+  raises it as :class:`SaveFailed` as soon as the thread has ended, naming the
+  cause and the last good checkpoint. Orbax's own tracebacks of it stay out of
+  the log unless ``--verbosity=1``.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self._pending = None          # the step of the save in flight
+    self._failed = False
+    _quiet_orbax_save_errors()
+
+  def save(self, state, run: dict) -> None:
+    """Starts the save of ``state`` and the ``run`` record (after the one before)."""
+    step = int(jax.device_get(state.step))
+    with self._reported(self._pending):
+      self.manager.wait_until_finished()
+    with self._reported(step):
+      self._pending = step
+      self.manager.save(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardSave(state), RUN: ocp.args.JsonSave(run)}))
+
+  def check(self) -> None:
+    if self._pending is not None:
+      with self._reported(self._pending):
+        self.manager.check_for_errors()
+
+  def wait(self) -> None:
+    """Waits for the save in flight to be complete on disk."""
+    with self._reported(self._pending):
+      self.manager.wait_until_finished()
+
+  def finish(self) -> None:
+    """Waits for the save in flight, then closes the manager."""
+    with self._reported(self._pending):
+      try:
+        if not self._failed:
+          self.manager.wait_until_finished()
+      finally:
+        self.manager.close()      # raises a failed save again
+
+  @contextlib.contextmanager
+  def _reported(self, step):
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except
+      self._failed = True
+      directory = epath.Path(self.manager.directory)
+      raise write_failure(f'The checkpoint of step {step} could not be written to '
+                          f'{directory}', error, directory, step) from error
+
+
+def write_failure(what: str, error: BaseException, directory: epath.Path,
+                  step: int | None = None) -> SaveFailed:
+  """``what`` failed because of ``error``: one line with the cause, the last good
+  checkpoint in ``directory`` (before ``step``) and what to do."""
+  cause, advice = _cause(error)
+  good = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and
+          (step is None or int(p.name) < step)] if directory.is_dir() else []
+  kept = (f'the last good checkpoint is step {max(good)} in {directory}' if good else
+          'no checkpoint was saved before it')
+  return SaveFailed(f'{what}: {cause}; {kept}, and training stopped. {advice}, then '
+                    'run the same command to resume.')
+
+
+def _cause(error: BaseException) -> tuple[str, str]:
+  """What made a save fail, from the exception chain: an OSError's errno, or the
+  one that TensorStore's errors quote (``[os_error_code='28']``)."""
+  seen = error
+  while seen is not None:
+    code = seen.errno if isinstance(seen, OSError) else None
+    quoted = re.search(r"os_error_code='?(\d+)", str(seen))
+    code = code if code in _CAUSES else int(quoted.group(1)) if quoted else None
+    if code in _CAUSES:
+      return _CAUSES[code]
+    seen = seen.__cause__ or seen.__context__
+  return _describe(error), 'Fix the cause'
+
+
+class _QuietOrbaxSaveErrors(logging.Filter):
+  """Drops Orbax's tracebacks of a failed background save (:class:`Saves` reports
+  it in one line), unless the command runs with ``--verbosity=1``."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno < logging.ERROR or 'orbax' not in record.pathname or
+            absl_logging.get_verbosity() >= absl_logging.DEBUG)
+
+
+def _quiet_orbax_save_errors():
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _QuietOrbaxSaveErrors) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietOrbaxSaveErrors())
 
 
 class Restored(NamedTuple):

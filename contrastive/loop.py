@@ -8,8 +8,10 @@ on a signal). The workdir is :mod:`contrastive.workdir`'s. ``train.py`` and
 """
 
 import collections
+import os
 import queue
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Iterator, NamedTuple
@@ -85,38 +87,78 @@ class Preempted(Exception):
 class Preemption:
   """Turns SIGTERM (cloud preemption, SLURM) and Ctrl-C into "save and stop".
 
-  On one process a handler notes the signal and the loop stops after the step in
-  flight. On several, JAX's distributed runtime catches SIGTERM and
+  On one process a handler notes the signal and, while steps are being taken,
+  the loop stops after the step in flight and saves it. Where nothing is unsaved
+  (before this run's first step: loading data, compiling; after its final save:
+  the final evaluation) the process stops at once, and a second signal always
+  stops it at once. Both are seen by a thread that reads Python's signal wakeup
+  pipe, so they act even while the main thread is inside a long XLA call
+  (compilation), where Python runs no handler until the call returns. On several
+  processes JAX's distributed runtime catches SIGTERM and
   ``reached_preemption_sync_point`` makes every process agree on one step to
-  save at. A second Ctrl-C interrupts at once. Entered around a whole command
-  (data loading and compilation included), so that no signal ends a run unsaved;
-  outside it, nothing is ever signalled.
+  save at. Entered around a whole command; outside it, nothing is ever signalled.
   """
 
   def __init__(self):
     self.signal = None
+    self.stepping = False     # steps taken since the last save (the loop sets it)
+    self.finished = False     # training ended and its last checkpoint is written
     self._previous = {}
+    self._wakeup = None
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for number in (signal.SIGTERM, signal.SIGINT):
         self._previous[number] = signal.signal(number, self._note)
+      read, write = os.pipe()
+      os.set_blocking(write, False)
+      self._wakeup = (signal.set_wakeup_fd(write, warn_on_full_buffer=False), write)
+      threading.Thread(target=self._watch, args=(read,), daemon=True,
+                       name='signal-watch').start()
     return self
 
   def _note(self, number, frame):
     del frame
     self.signal = signal.Signals(number).name
-    if number == signal.SIGINT:        # the next Ctrl-C is an ordinary interrupt
-      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def _watch(self, read: int):
+    """Stops the process at once where a signal has nothing to save."""
+    seen = 0
+    with os.fdopen(read, 'rb', buffering=0) as pipe:
+      while received := pipe.read(1):
+        if received[0] not in self._previous:
+          continue
+        seen += 1
+        name = signal.Signals(received[0]).name
+        if seen > 1:
+          _stop_now(f'{name} again: stopped at once, without saving the step in flight; '
+                    'the same command resumes from the newest complete checkpoint.', 130)
+        elif self.finished:
+          _stop_now(f'Stopped by {name} after training ended (its checkpoints are '
+                    'complete); run the same command again to evaluate.', 0)
+        elif not self.stepping:
+          _stop_now(f'Stopped by {name} before this run took a step: nothing new to '
+                    'save. Run the same command again to resume.', 0)
 
   def __exit__(self, *exc):
     for number, handler in self._previous.items():
       signal.signal(number, handler)
+    if self._wakeup is not None:
+      previous, write = self._wakeup
+      signal.set_wakeup_fd(previous)
+      os.close(write)             # the watching thread reads the end and returns
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.signal is not None
+
+
+def _stop_now(message: str, status: int):
+  """Ends the process from any thread, now: no clean-up that could wait on XLA
+  (the OS releases the workdir's lock; files are written whole or repaired)."""
+  print(message, file=sys.stderr, flush=True)
+  os._exit(status)  # pylint: disable=protected-access
 
 
 class DivergenceGuard:
@@ -276,6 +318,7 @@ def train(workdir, state, train_step, batches: Iterator[dict], mesh, *,
         position = batch_position
       if epoch_start is not None and step % steps_per_epoch == 0:
         state = epoch_start(state)
+      preemption.stepping = True
       state, scalars = train_step(state, batch)
       in_flight.append(scalars['loss'])
       if len(in_flight) > prefetch + 1:
@@ -293,9 +336,16 @@ def train(workdir, state, train_step, batches: Iterator[dict], mesh, *,
         say(f'step {done}  ' + '  '.join(f'{name} {100 * value:.2f}%'
                                          for name, value in figures.items()))
       if save:
-        checkpoint.save(workdir.manager, state, run_record(mesh, position))
+        workdir.saves.save(state, run_record(mesh, position))
+      workdir.saves.check()
       if stop:
         raise Preempted(done, workdir.checkpoints)
+    if start_step >= num_steps or done == num_steps:
+      workdir.saves.wait()             # the final checkpoint is complete
+      preemption.finished = True
+  except metrics_lib.WriteFailed as failed:
+    raise checkpoint.write_failure(failed.what, failed.cause,
+                                   workdir.checkpoints) from failed
   finally:
     device_batches.close()
   return state

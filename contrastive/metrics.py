@@ -6,6 +6,7 @@ never branches on the process index.
 
 import json
 import math
+import os
 import time
 
 import jax
@@ -27,6 +28,7 @@ class MetricWriter:
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tensorboard = None
+    self._failed = False     # a write failed (a full disk): closing may fail too
     if not self._active:
       return
     workdir = paths.resolve(workdir)
@@ -38,6 +40,7 @@ class MetricWriter:
     if paths.is_url(workdir):
       self._lines = self._path.read_text().splitlines(True) if self._path.exists() else []
     else:
+      _drop_torn_last_line(self._path)
       self._jsonl = open(self._path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -50,31 +53,73 @@ class MetricWriter:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
     line = json.dumps({'step': int(step), **scalars}) + '\n'
-    if self._lines is None:
-      self._jsonl.write(line)
-      self._jsonl.flush()
-    else:
-      self._lines.append(line)
-      self._path.write_text(''.join(self._lines))
-    if self._tensorboard is not None:
-      for name, value in scalars.items():
-        self._tensorboard.add_scalar(name, value, int(step))
-      self._tensorboard.flush()
+    try:
+      if self._lines is None:
+        self._jsonl.write(line)
+        self._jsonl.flush()
+      else:
+        self._lines.append(line)
+        self._path.write_text(''.join(self._lines))
+      if self._tensorboard is not None:
+        for name, value in scalars.items():
+          self._tensorboard.add_scalar(name, value, int(step))
+        self._tensorboard.flush()
+    except OSError as err:
+      self._failed = True
+      raise WriteFailed(f'{self._path} could not be written', err) from err
+    if self._lines is None and os.fstat(self._jsonl.fileno()).st_nlink == 0:
+      raise FileNotFoundError(
+          f'{self._path} was deleted while the run trained (was the workdir '
+          f'{self._path.parent} removed?); the run stops rather than train on with '
+          'nowhere to keep its metrics and checkpoints.')
 
   def close(self):
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tensorboard is not None:
-      self._tensorboard.close()
+      try:
+        self._tensorboard.close()
+      except OSError:
+        if not self._failed:    # after a failed write, closing fails the same way
+          raise
+
+
+class WriteFailed(OSError):
+  """A metrics file could not be written (``what``: which; ``cause``: the OSError)."""
+
+  def __init__(self, what: str, cause: OSError):
+    super().__init__(f'{what}: {cause.strerror or cause}')
+    self.what, self.cause = what, cause
+
+
+def _drop_torn_last_line(path) -> None:
+  """Cuts a last line that a kill or a full disk left unfinished, and says so, so
+  that the lines appended next stay one record each."""
+  if not path.exists():
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if not data or data.endswith(b'\n'):
+      return
+    kept = data.rfind(b'\n') + 1
+    f.truncate(kept)
+  say(f'WARNING: the last line of {path} was cut short (a kill or a full disk while it '
+      f'was written); dropped its {len(data) - kept} bytes.')
 
 
 def read_metrics(workdir) -> dict[int, dict]:
-  """All scalars of each step; where a resumed run rewrote a step, the later value."""
+  """All scalars of each step; where a resumed run rewrote a step, the later value.
+  A line that is not a whole record (cut short by a kill) is skipped, with a warning."""
   records = {}
-  with (paths.resolve(workdir) / 'metrics.jsonl').open() as f:
-    for line in f:
-      record = json.loads(line)
-      records.setdefault(record['step'], {}).update(record)
+  path = paths.resolve(workdir) / 'metrics.jsonl'
+  with path.open() as f:
+    for number, line in enumerate(f, 1):
+      try:
+        record = json.loads(line)
+        records.setdefault(record['step'], {}).update(record)
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        say(f'WARNING: {path} line {number} is not a whole record (cut short by a kill?); '
+            'skipped it.')
   return records
 
 

@@ -14,7 +14,6 @@ read a workdir, so that importing this module stays cheap.
 """
 
 import functools
-import json
 import logging
 from typing import Any, NamedTuple
 
@@ -52,7 +51,12 @@ def read_config(workdir: str):
   if not config_path.is_file():
     raise FileNotFoundError(f'{config_path} does not exist: {workdir} is not the '
                             'workdir of a training run.')
-  saved = json.loads(config_path.read_text())
+  from contrastive import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    saved = workdir_lib.read_json_object(config_path, 'the config of a training run')
+  except ValueError as unreadable:
+    raise ValueError(f'{unreadable} Running its training command again writes it anew '
+                     '(the checkpoints are not affected).') from None
   if 'method' not in saved:
     raise ValueError(f'{config_path} is not the config of a pretraining run (it has no '
                      '"method"): point at the workdir of contrastive.main.')

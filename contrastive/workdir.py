@@ -34,7 +34,7 @@ STALE_SECONDS = 60
 class Resumed(NamedTuple):
   state: Any
   start_step: int     # 0 for a fresh run
-  run: dict           # the checkpoint's run record (checkpoint.save); {} when fresh
+  run: dict           # the checkpoint's run record (checkpoint.Saves.save); {} when fresh
 
 
 class Workdir:
@@ -51,17 +51,24 @@ class Workdir:
     _check_writable(self.path)
     self._lock = _Lock(self.path)
     self.manager = checkpoint.make_manager(self.path / 'checkpoints', keep_checkpoints)
+    self.saves = checkpoint.Saves(self.manager)
     self.writer = metrics_lib.MetricWriter(self.path)
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    try:
-      checkpoint.finish(self.manager)
-      self.writer.close()
-    finally:
-      self._lock.release()
+  def __exit__(self, kind, error, traceback):
+    # A full disk fails the last save and the closing writes too: the error in
+    # flight already says why, and the lock is released whatever happens.
+    failure = None
+    for close in (self.saves.finish, self.writer.close):
+      try:
+        close()
+      except OSError as err:
+        failure = failure or err
+    self._lock.release()
+    if failure is not None and error is None:
+      raise failure
 
   @property
   def checkpoints(self) -> epath.Path:
@@ -83,14 +90,19 @@ class Workdir:
     if start_step:
       say(f'Resuming from the checkpoint of step {start_step} in {self.checkpoints}.')
     if jax.process_index() == 0:
-      (self.path / 'config.json').write_text(_to_json(config_record))
+      paths.write_atomically(self.path / 'config.json', _to_json(config_record))
     return Resumed(state, start_step, run)
 
   def _changed_fields(self, record: dict) -> list[str]:
     path = self.path / 'config.json'
     if not path.exists():
       return []
-    before, after = _flatten(json.loads(path.read_text())), _flatten(json.loads(_to_json(record)))
+    try:
+      before = read_json_object(path, 'the config record')
+    except ValueError as unreadable:
+      say(f'WARNING: {unreadable} It is written again from this run\'s config.')
+      return []
+    before, after = _flatten(before), _flatten(json.loads(_to_json(record)))
     return sorted(key for key in before.keys() | after.keys()
                   if before.get(key) != after.get(key))
 
@@ -98,7 +110,21 @@ class Workdir:
     """``results`` as ``filename`` (JSON) and ``scalars`` into the metrics at ``step``."""
     self.writer.write(step, scalars)
     if jax.process_index() == 0:
-      (self.path / filename).write_text(json.dumps(results, indent=2))
+      paths.write_atomically(self.path / filename, json.dumps(results, indent=2))
+
+
+def read_json_object(path: epath.Path, what: str) -> dict:
+  """The JSON object in ``path``; ValueError naming the file when it is cut short,
+  empty or of another shape (what a kill mid-write or another program leaves)."""
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f'{path} cannot be read as {what} ({err}): it was cut short or '
+                     'overwritten.') from err
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} holds a JSON {type(value).__name__}, not {what} (an '
+                     'object): it was overwritten.')
+  return value
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict:

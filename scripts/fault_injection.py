@@ -9,7 +9,11 @@ after its first step, sends SIGTERM (a preemption: the run must save the step in
 flight and exit 0) or SIGKILL (a crash, during a save too: the run must resume
 from its newest complete checkpoint), and starts it again; the interrupted runs
 checkpoint every ``--checkpoint_every_steps`` steps, so that kills fall between
-checkpoints and during saves. After the last trial the run goes to the end. Every step's loss and the final parameters must equal
+checkpoints and during saves. Then a full disk: the run continues in a small
+tmpfs (where this machine lets the script mount one; skipped with the reason
+otherwise) that is filled while it trains; it must stop at once with one line
+naming the cause, and its workdir, copied back, must resume. After the last
+trial the run goes to the end. Every step's loss and the final parameters must equal
 the uninterrupted run's. Prints one line per trial and a verdict; exits 1 on any
 difference. Not part of the test suite: it takes minutes.
 """
@@ -52,6 +56,57 @@ def final_params(workdir: str):
   step = max(int(name) for name in os.listdir(directory) if name.isdigit())
   state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), 'default'))
   return step, state['params']
+
+
+def full_disk(args, faulty: str, env: dict, rng: random.Random) -> None:
+  """The run's workdir on a 512 MB tmpfs, filled up a random time into training:
+  the run must stop with a one-line error naming the full disk (exit 1, no
+  traceback); the workdir it leaves is copied back for the final resume."""
+  disk = os.path.join(args.workdir, 'small_disk')
+  os.makedirs(disk, exist_ok=True)
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', disk],
+                           capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    print(f'full disk: skipped, no tmpfs can be mounted here '
+          f'({mounted.stderr.strip() or "not permitted"})', flush=True)
+    return
+  try:
+    workdir = os.path.join(disk, 'faulty')
+    if os.path.isdir(faulty):
+      shutil.copytree(faulty, workdir)
+    child = subprocess.Popen(
+        command(args.config, workdir, args.overrides + [
+            f'--config.checkpoint_every_steps={args.checkpoint_every_steps}']),
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in child.stdout:
+      lines.append(line)
+      if line.startswith('First step'):
+        break
+    time.sleep(rng.uniform(0.0, args.max_wait / 2))
+    with open(os.path.join(disk, 'filler'), 'wb') as filler:
+      try:
+        while True:
+          filler.write(b'\0' * (1 << 20))
+          filler.flush()
+      except OSError:
+        pass
+    filled = time.perf_counter()
+    lines += child.stdout.readlines()
+    child.wait()
+    stopped_after = time.perf_counter() - filled
+    errors = [line for line in lines if line.startswith('error: ')]
+    print(f'full disk: exit {child.returncode} {stopped_after:.1f} s after the disk filled; '
+          f'{errors[0].strip() if errors else "no error line"}', flush=True)
+    if (child.returncode != 1 or not errors or 'no space left' not in errors[0]
+        or any('Traceback' in line for line in lines)):
+      print(''.join(lines[-40:]))
+      sys.exit('full disk: the run must stop with one line naming the full disk.')
+    os.remove(os.path.join(disk, 'filler'))
+    shutil.rmtree(faulty, ignore_errors=True)
+    shutil.copytree(workdir, faulty)
+  finally:
+    subprocess.run(['umount', '-l', disk], check=False)
 
 
 def main():
@@ -123,6 +178,7 @@ def main():
     if 'finished' in outcome:
       break
 
+  full_disk(args, faulty, env, rng)
   subprocess.run(faulty_command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
   want, got = losses(straight), losses(faulty)
   same_steps = sorted(want) == sorted(got)

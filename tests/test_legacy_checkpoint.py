@@ -37,7 +37,8 @@ def _older_layout(workdir: str, to: str) -> None:
   older.save(step, args=ocp.args.Composite(**{
       checkpoint.STATE: ocp.args.StandardSave(state),
       checkpoint.RUN: ocp.args.JsonSave(restored[checkpoint.RUN])}))
-  checkpoint.finish(older)
+  older.wait_until_finished()
+  older.close()
 
 
 def test_an_older_checkpoint_exports_and_resumes_as_todays(pretrained_workdir, tmp_path,

@@ -266,10 +266,10 @@ def _losses(workdir):
 
 def test_sigterm_saves_the_step_in_flight_and_another_device_count_continues(
     config, tmp_path, monkeypatch):
-  """MoCo (its queue split across devices) preempted by SIGTERM three times:
-  on 8 devices in this process, on 4 devices in a real ``python -m
-  contrastive.main`` (which exits 0 after saving the step it was running), then
-  finished on 8. Every step's loss is the uninterrupted 8-device run's: the data
+  """MoCo (its queue split across devices) preempted by SIGTERM on 8 devices in
+  this process (saving the step in flight), then in a real ``python -m
+  contrastive.main`` on 4 devices before its first step (it stops at once, exit
+  0, nothing to save), then finished by that command on 4. Every step's loss is the uninterrupted 8-device run's: the data
   order, the queue and the step count do not depend on the device count."""
   import signal  # pylint: disable=g-import-not-at-top
   from contrastive import train  # pylint: disable=g-import-not-at-top
@@ -307,34 +307,41 @@ def test_sigterm_saves_the_step_in_flight_and_another_device_count_continues(
   config.data.prefetch = 2
   assert os.listdir(tmp_path / 'run' / 'checkpoints') == ['3']
 
-  # 2. 4 devices, a real command: SIGTERM before its first step (still compiling).
+  # 2. 4 devices, a real command: SIGTERM before its first step (still compiling)
+  # stops it at once, with nothing new to save.
   flags = [f'--config.{path}={value}' for path, value in [
       ('global_batch_size', config.global_batch_size), ('log_every_steps', 1),
       ('model.name', config.model.name), ('model.width', config.model.width),
       ('head.out_dim', config.head.out_dim), ('data.image_size', config.data.image_size),
       ('eval.enabled', False), *overrides.items()]]
-  child = subprocess.Popen(
-      [sys.executable, '-m', 'contrastive.main', '--config=configs/quickstart.py',
-       f'--workdir={tmp_path / "run"}', *flags], cwd=REPO, text=True,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=os.environ['XLA_FLAGS'].replace(
-          'device_count=8', 'device_count=4')))
-  lines = []
-  for line in child.stdout:
-    lines.append(line)
-    if line.startswith('Resuming from the checkpoint of step 3'):
-      child.send_signal(signal.SIGTERM)
-  output = ''.join(lines)
-  assert child.wait(timeout=300) == 0, output[-3000:]
-  assert '4 device(s)' in output and 'Resuming from the checkpoint of step 3' in output
-  assert 'Stopped by a signal at step 4' in output and 'Run the same command again' in output
-  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['3', '4']
 
-  # 3. 8 devices again, to the end.
-  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  def four_devices(signal_when_resuming: bool):
+    child = subprocess.Popen(
+        [sys.executable, '-m', 'contrastive.main', '--config=configs/quickstart.py',
+         f'--workdir={tmp_path / "run"}', *flags], cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=os.environ['XLA_FLAGS'].replace(
+            'device_count=8', 'device_count=4')))
+    lines = []
+    for line in child.stdout:
+      lines.append(line)
+      if signal_when_resuming and line.startswith('Resuming from the checkpoint of step 3'):
+        child.send_signal(signal.SIGTERM)
+    output = ''.join(lines)
+    assert child.wait(timeout=300) == 0, output[-3000:]
+    assert '4 device(s)' in output and 'Resuming from the checkpoint of step 3' in output
+    return output
+
+  output = four_devices(signal_when_resuming=True)
+  assert 'Stopped by SIGTERM before this run took a step: nothing new to save' in output
+  assert 'step 4/' not in output
+  assert os.listdir(tmp_path / 'run' / 'checkpoints') == ['3']
+
+  # 3. 4 devices again, to the end.
+  four_devices(signal_when_resuming=False)
   resumed = _losses(tmp_path / 'run')
   assert sorted(resumed) == sorted(expected)
-  # Steps 1-3 ran the same programs: equal. Step 4 on 4 devices sums in another
+  # Steps 1-3 ran the same programs: equal. Steps 4-12 on 4 devices sum in another
   # order (float32 rounding, ~1e-6), which the later steps carry (at this learning
   # rate without growing much). Another batch, a stale queue or a skipped step
   # would show far more: the losses of successive batches here differ by 1-25%.
