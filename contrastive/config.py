@@ -7,6 +7,8 @@ fields that exist. :mod:`contrastive.config_checks` then checks the values, all 
 them at once, before any data is read or any function compiled.
 """
 
+import difflib
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -179,6 +181,27 @@ def downstream_config() -> ml_collections.ConfigDict:
   config.optim.decay_epochs = (60.0, 80.0)  # 'steps': lr x decay_factor at each
   config.optim.decay_factor = 0.1
   return config
+
+
+def unknown_fields(config: ml_collections.ConfigDict) -> dict[str, str | None]:
+  """The fields of ``config`` that its schema lacks (nothing reads them: a
+  misspelt or stale name), each dotted path with the closest field of its section
+  (None where none is close). The schema is :func:`downstream_config` for a config
+  with a ``pretrained`` field, :func:`base_config` otherwise."""
+  schema = downstream_config() if 'pretrained' in config else base_config()
+  return _unknown_fields(config, schema, '')
+
+
+def _unknown_fields(section, schema, prefix: str) -> dict[str, str | None]:
+  unknown = {}
+  for name, value in section.items():
+    if name not in schema:
+      close = difflib.get_close_matches(name, list(schema), n=1)
+      unknown[prefix + name] = prefix + close[0] if close else None
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+        schema[name], ml_collections.ConfigDict):
+      unknown.update(_unknown_fields(value, schema[name], f'{prefix}{name}.'))
+  return unknown
 
 
 def negatives_study_config() -> ml_collections.ConfigDict:
