@@ -21,6 +21,7 @@ from PIL import ImageDraw
 
 from tests import conftest
 from tests import test_detectron2
+from tests.remote_fs import fake_gcs, remote_fs  # noqa: F401  pylint: disable=unused-import
 
 RECIPE = 'configs/detection/voc_R_50_C4_24k.yaml'
 ITERATIONS = 60
@@ -218,3 +219,34 @@ def test_every_recipe_builds_its_model(tmp_path):
     assert head == ('Res5ROIHeadsWithNorm' if '_C4_' in recipe else 'StandardROIHeads')
     assert int(iterations) == {'24k': 24000, '1x': 90000, '2x': 180000}[
         recipe.rsplit('_', 1)[1][:-len('.yaml')]]
+
+
+_FROM_A_BUCKET = """
+import sys
+from contrastive import transfer
+print('settings:', transfer.backbone_settings(transfer.write_backbone(*sys.argv[1:])))
+"""
+
+
+def test_a_pretrained_workdir_in_a_bucket(setup, remote_fs, tmp_path):  # pylint: disable=redefined-outer-name
+  """``--pretrained=gs://...``: the backbone read from the bucket is the local one."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  pretrained, _, _ = setup
+  for root, _, names in os.walk(pretrained):
+    for name in names:
+      local = os.path.join(root, name)
+      (epath.Path(remote_fs.url) / os.path.relpath(local, pretrained)).write_bytes(
+          open(local, 'rb').read())
+  outputs = {}
+  for where, source in (('local', pretrained), ('bucket', remote_fs.url)):
+    result = subprocess.run([sys.executable, '-c', _FROM_A_BUCKET, source,
+                             str(tmp_path / where)], capture_output=True, text=True,
+                            check=False, cwd=_REPO, env=remote_fs.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs[where] = (tmp_path / where / 'backbone.pkl').read_bytes()
+  # The same arrays under the same names; only the recorded source differs.
+  import pickle  # pylint: disable=g-import-not-at-top
+  local, bucket = (pickle.loads(outputs[w]) for w in ('local', 'bucket'))
+  assert remote_fs.url in bucket['__author__']
+  assert local['model'].keys() == bucket['model'].keys() and len(local['model']) == 265
+  assert all(np.array_equal(local['model'][k], bucket['model'][k]) for k in local['model'])
