@@ -17,7 +17,6 @@ from absl import logging
 from jax.extend import backend as jax_backend
 from ml_collections import config_flags
 
-from contrastive import config as config_lib
 
 
 def run(argv, work, distributed=None):
@@ -102,6 +101,7 @@ def load_config_file(argument: str) -> ml_collections.ConfigDict:
     raise ConfigFileError(f'{path}: get_config() returned a {type(config).__name__}, '
                           'not the ConfigDict of contrastive.config.base_config() '
                           '(or downstream_config())')
+  from contrastive import config as config_lib  # pylint: disable=import-outside-toplevel
   unknown = config_lib.unknown_fields(config)
   if unknown:
     with open(path, encoding='utf-8') as file:

@@ -24,6 +24,7 @@ standard 1% / 10% subsets use the TFDS builder ``imagenet2012_subset/1pct``
 """
 
 import json
+import os
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -297,10 +298,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not paths.resolve(config.pretrained).is_dir():
     raise FileNotFoundError(f'config.pretrained={config.pretrained!r} is not a directory: '
                             'it must be the workdir of a pretraining run.')
+  _check_workdir(workdir, config)
   config_checks.validate_downstream(config)
   with loop.Preemption() as preemption, \
        workdir_lib.Workdir(workdir, config.keep_checkpoints) as run_dir:
     return _run(config, run_dir, preemption, method)
+
+
+def _check_workdir(workdir: str, config) -> None:
+  """The downstream run needs a workdir of its own: one that holds a pretraining
+  run would be resumed as a downstream run, and fail on every config field."""
+  place = _place(workdir)
+  suggestion = f'e.g. --workdir={place}_{config.mode}'
+  if place == _place(config.pretrained):
+    raise ValueError(f'--workdir={workdir} is config.pretrained={config.pretrained!r}: the '
+                     f'downstream workdir must differ from config.pretrained ({suggestion}).')
+  saved = paths.resolve(workdir) / 'config.json'
+  if saved.is_file() and 'method' in json.loads(saved.read_text()):
+    raise ValueError(f'--workdir={workdir} holds a pretraining run ({saved}): give the '
+                     f'downstream run a workdir of its own ({suggestion}).')
+
+
+def _place(path: str) -> str:
+  """A local path with '~', '..' and symlinks resolved; a URL as it is written."""
+  if paths.is_url(path):
+    return str(path).rstrip('/')
+  return os.path.realpath(os.path.expanduser(path))
 
 
 def _run(config, run_dir: workdir_lib.Workdir, preemption: loop.Preemption,

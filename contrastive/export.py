@@ -7,7 +7,11 @@ r"""Export the pretrained backbone of a training workdir to other frameworks.
 ``torchvision`` (safetensors with torchvision ResNet names), ``detectron2`` (a
 .pkl for detectron2's checkpointer) or ``timm`` (safetensors with timm's
 VisionTransformer names, for a ViT backbone); ``--step`` picks a checkpoint other
-than the latest. Only the backbone (the one the run's method names) is exported,
+than the latest. An existing ``--out`` file is replaced only with ``--overwrite``
+(in Python, ``overwrite=True``); the file is written beside it and renamed into
+place, so a killed export leaves the previous file or none, never a part (a
+bucket URL is written directly: an object store makes an object only once it is
+whole). Only the backbone (the one the run's method names) is exported,
 no method state; ``--head_layers=k`` adds the projection head's first k hidden
 layers (SimCLR v2 fine-tunes from the first). In Python, each ``export_*`` also
 takes ``method=``, the run's :class:`~contrastive.methods.Method` when it is
@@ -75,13 +79,51 @@ def _torch_input(pretrained: reader.Pretrained) -> dict:
   return described
 
 
+# ----------------------------------------------------------------------------- output
+
+def _check_out(out_path: str, overwrite: bool):
+  """``out_path`` resolved, refused in one line where it cannot take the export."""
+  out = paths.resolve(out_path)
+  if out.is_dir():
+    raise ValueError(f'--out={out_path} is a directory: give the path of the file to '
+                     'write (in it, or elsewhere).')
+  if not paths.is_url(out) and not out.parent.is_dir():
+    missing = 'is not a directory' if out.parent.exists() else 'does not exist'
+    raise FileNotFoundError(f'--out={out_path}: the folder {out.parent} {missing}; create '
+                            'it or choose another --out.')
+  if not overwrite and out.exists():
+    raise ValueError(f'--out={out_path} exists: pass --overwrite to replace it, or choose '
+                     'another --out.')
+  return out
+
+
+def _load(workdir: str, out_path: str, overwrite: bool, step: int | None = None,
+          head_layers: int = 0, method=None) -> reader.Pretrained:
+  """The run's backbone, once ``--out`` and ``--head_layers`` are known to fit, so
+  that a wrong one fails before the checkpoint is read."""
+  _check_out(out_path, overwrite)
+  if head_layers < 0:
+    raise ValueError(f'--head_layers={head_layers}: give 0 (the encoder alone) or more.')
+  return reader.load_pretrained(workdir, step, head_layers, method)
+
+
+def _write(out_path: str, data: bytes, overwrite: bool) -> None:
+  """``data`` at ``out_path``, whole or not at all (:func:`paths.write_atomically`)."""
+  out = _check_out(out_path, overwrite)    # again: a file may have appeared since
+  try:
+    paths.write_atomically(out, data)
+  except OSError as err:
+    raise ValueError(f'--out={out_path} cannot be written: {err.strerror or err}; choose '
+                     'another --out.') from err
+
+
 # ----------------------------------------------------------------------------- flax
 
 def export_flax(workdir: str, out_path: str, step: int | None = None,
-                head_layers: int = 0, method=None) -> None:
+                head_layers: int = 0, method=None, overwrite: bool = False) -> None:
   """One msgpack file: the backbone module (its class and fields), the run's model
   config, input normalisation and the variables."""
-  pretrained = reader.load_pretrained(workdir, step, head_layers, method)
+  pretrained = _load(workdir, out_path, overwrite, step, head_layers, method)
   payload = {
       'format': _FLAX_FORMAT,
       'module': _describe_module(pretrained.encoder),
@@ -91,7 +133,7 @@ def export_flax(workdir: str, out_path: str, step: int | None = None,
       'step': pretrained.step,
       'variables': pretrained.variables,
   }
-  paths.resolve(out_path).write_bytes(flax.serialization.msgpack_serialize(payload))
+  _write(out_path, flax.serialization.msgpack_serialize(payload), overwrite)
 
 
 def load_flax_encoder(path: str) -> tuple:
@@ -170,7 +212,7 @@ def _older_flax_module(model: dict):
 # ------------------------------------------------------------------------ torchvision
 
 def export_torchvision(workdir: str, out_path: str, step: int | None = None,
-                       head_layers: int = 0, method=None) -> None:
+                       head_layers: int = 0, method=None, overwrite: bool = False) -> None:
   """:func:`contrastive.formats.torch_resnet.torchvision_state_dict` as
   safetensors; metadata: model and input.
 
@@ -179,18 +221,18 @@ def export_torchvision(workdir: str, out_path: str, step: int | None = None,
   ``input`` as JSON strings.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  pretrained = reader.load_pretrained(workdir, step, head_layers, method)
-  paths.resolve(out_path).write_bytes(safetensors.numpy.save(
+  pretrained = _load(workdir, out_path, overwrite, step, head_layers, method)
+  _write(out_path, safetensors.numpy.save(
       torch_resnet.torchvision_state_dict(pretrained),
       metadata={'model': json.dumps(pretrained.config.model.to_dict()),
                 'input': json.dumps(_torch_input(pretrained)),
-                'step': str(pretrained.step)}))
+                'step': str(pretrained.step)}), overwrite)
 
 
 # ------------------------------------------------------------------------------ timm
 
 def export_timm(workdir: str, out_path: str, step: int | None = None,
-                head_layers: int = 0, method=None) -> None:
+                head_layers: int = 0, method=None, overwrite: bool = False) -> None:
   """A ViT backbone as safetensors under timm's names; metadata: the
   ``timm.create_model`` name or keyword arguments that build its network, the
   model config and input (see :mod:`contrastive.formats.timm`)."""
@@ -200,19 +242,19 @@ def export_timm(workdir: str, out_path: str, step: int | None = None,
   if head_layers:
     raise ValueError('--head_layers: the timm format holds the ViT backbone only; export '
                      'head layers in the flax format.')
-  pretrained = reader.load_pretrained(workdir, step, method=method)
+  pretrained = _load(workdir, out_path, overwrite, step, method=method)
   if not isinstance(pretrained.encoder, vit.VisionTransformer):
     raise ValueError(f'--format=timm takes a ViT backbone; this run\'s is a '
                      f'{type(pretrained.encoder).__name__} (model.name='
                      f'{pretrained.config.model.name!r}): use --format=torchvision.')
   size = pretrained.config.data.image_size
-  paths.resolve(out_path).write_bytes(safetensors.numpy.save(
+  _write(out_path, safetensors.numpy.save(
       timm.timm_state_dict(pretrained.encoder, pretrained.variables, size),
       metadata={'timm_model': json.dumps(timm.timm_model_name(pretrained.encoder, size)),
                 'timm_kwargs': json.dumps(timm.timm_kwargs(pretrained.encoder, size)),
                 'model': json.dumps(pretrained.config.model.to_dict()),
                 'input': json.dumps(_input_normalization(pretrained.config)),
-                'step': str(pretrained.step)}))
+                'step': str(pretrained.step)}), overwrite)
 
 
 # ------------------------------------------------------------------------- detectron2
@@ -251,7 +293,7 @@ def detectron2_checkpoint(pretrained: reader.Pretrained, source: str) -> bytes:
 
 
 def export_detectron2(workdir: str, out_path: str, step: int | None = None,
-                      head_layers: int = 0, method=None) -> None:
+                      head_layers: int = 0, method=None, overwrite: bool = False) -> None:
   """A .pkl that detectron2's ``DetectionCheckpointer`` loads into its detection
   models' ResNet (Faster / Mask R-CNN, C4 or FPN): see :func:`detectron2_checkpoint`.
 
@@ -264,9 +306,9 @@ def export_detectron2(workdir: str, out_path: str, step: int | None = None,
   w != 1 need ``STEM_OUT_CHANNELS`` = ``WIDTH_PER_GROUP`` = int(64 w) and
   ``RES2_OUT_CHANNELS`` = 4 int(64 w).
   """
-  pretrained = reader.load_pretrained(workdir, step, head_layers, method)
-  paths.resolve(out_path).write_bytes(detectron2_checkpoint(
-      pretrained, f'contrastive.export of {paths.resolve(workdir)} step {pretrained.step}'))
+  pretrained = _load(workdir, out_path, overwrite, step, head_layers, method)
+  source = f'contrastive.export of {paths.resolve(workdir)} step {pretrained.step}'
+  _write(out_path, detectron2_checkpoint(pretrained, source), overwrite)
 
 
 # ----------------------------------------------------------------------- command line
@@ -278,7 +320,8 @@ EXPORTERS = {'flax': export_flax, 'torchvision': export_torchvision,
 def _run(argv):
   values = flags.FLAGS
   command_line.run(argv, lambda: EXPORTERS[values.format](
-      values.workdir, values.out, values.step, values.head_layers))
+      values.workdir, values.out, values.step, values.head_layers,
+      overwrite=values.overwrite))
   print(f'Wrote {values.out} ({values.format}).')
 
 
@@ -291,6 +334,7 @@ def main():
   flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
   flags.DEFINE_enum('format', None, FORMATS, 'What to write.')
   flags.DEFINE_string('out', None, 'Output file.')
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists.')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
   flags.DEFINE_integer('head_layers', 0, 'Hidden layers of the projection head to '
                        'export on top of the encoder (SimCLR v2: 1); not detectron2 or timm.')

@@ -22,16 +22,25 @@ def resolve(path) -> epath.Path:
   return epath.Path(path).expanduser().resolve()
 
 
-def write_atomically(path: epath.Path, text: str) -> None:
-  """Writes ``text`` so that a reader finds the old file or the new one, never a
+def write_atomically(path: epath.Path, data: str | bytes) -> None:
+  """Writes ``data`` so that a reader finds the old file or the new one, never a
   part of it (what a kill or a full disk mid-write leaves): on a local disk it is
-  written beside, synced and renamed over; an object store writes objects whole."""
-  if is_url(path):
-    path.write_text(text)
+  written beside, synced and renamed over (through a symlink, which stays). An
+  object store writes objects whole, and a file that is not a regular one
+  (/dev/null) would be replaced by a rename: both are written directly."""
+  path = epath.Path(path)
+  if is_url(path) or (os.path.exists(path) and not os.path.isfile(path)):
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
     return
-  partial = path.with_name(f'.{path.name}.partial')
-  with open(partial, 'w', encoding='utf-8') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(partial, path)
+  target = os.path.realpath(path)
+  partial = os.path.join(os.path.dirname(target),
+                         f'.{os.path.basename(target)}.partial-{os.getpid()}')
+  try:
+    with open(partial, 'wb') as f:
+      f.write(data if isinstance(data, bytes) else data.encode('utf-8'))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, target)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)

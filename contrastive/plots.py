@@ -8,11 +8,14 @@
 logged them, else steps. ``retrievals`` (a pretraining workdir) writes
 ``retrievals.png``: query images from the eval split and their nearest training
 images by cosine similarity of the encoder's features, framed green where the
-label matches the query's and red where it does not.
+label matches the query's and red where it does not. Both go into the workdir,
+or into ``--out_dir`` (made if missing), for a workdir this user cannot write.
 
 Drawing uses matplotlib's Agg renderer through ``Figure`` objects, never pyplot's
 global state, so it works without a display and inside other programs.
 """
+
+import os
 
 import numpy as np
 from absl import app
@@ -124,6 +127,7 @@ def plot_retrievals(workdir: str, out_path: str | None = None, num_queries: int 
   images among at most ``max_gallery``; returns the path."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from contrastive import reader  # pylint: disable=g-import-not-at-top
+  _check_counts(num_queries, k)
   out_path = str(out_path or paths.resolve(workdir) / 'retrievals.png')
   pretrained = reader.load_pretrained(workdir)
   gallery = _split_block(pretrained.config.data, 'train', max_gallery)
@@ -153,6 +157,12 @@ def plot_retrievals(workdir: str, out_path: str | None = None, num_queries: int 
   return out_path
 
 
+def _check_counts(num_queries: int, k: int) -> None:
+  for name, value in (('num_queries', num_queries), ('k', k)):
+    if value < 1:
+      raise ValueError(f'--{name}={value}: retrievals need at least 1.')
+
+
 def _show(ax, image, colour: str, title: str) -> None:
   ax.imshow(image, interpolation='nearest')
   ax.set_xticks([])
@@ -165,15 +175,49 @@ def _show(ax, image, colour: str, title: str) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
+def write_pictures(workdir: str, what=PLOTS, out_dir: str | None = None,
+                   num_queries: int = 8, k: int = 8) -> list[str]:
+  """The pictures ``what`` names, in ``out_dir`` (default: the workdir); returns
+  their paths. The folder and the counts are checked before any drawing, so that
+  neither fails after minutes of encoding."""
+  folder = _output_folder(workdir, out_dir)
+  if 'retrievals' in what:
+    _check_counts(num_queries, k)
+  written = []
+  for name in what:
+    if name == 'curves':
+      written.append(plot_training_curves(workdir, str(folder / 'training_curves.png')))
+    else:
+      written.append(plot_retrievals(workdir, str(folder / 'retrievals.png'),
+                                     num_queries=num_queries, k=k))
+  return written
+
+
+def _output_folder(workdir: str, out_dir: str | None):
+  """``out_dir`` (made if missing), else the workdir, checked by writing a file into it."""
+  folder = paths.resolve(out_dir or workdir)
+  where = f'--out_dir={out_dir}' if out_dir else f'the workdir {workdir}'
+  if not out_dir and not folder.is_dir():
+    return folder            # the pictures say what the workdir lacks
+  if folder.exists() and not folder.is_dir():
+    raise ValueError(f'{where} is a file: give --out_dir a folder for the pictures.')
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f'.write_test.{os.getpid()}'
+    probe.write_bytes(b'')
+    probe.unlink()
+  except OSError as err:
+    raise ValueError(f'{where} is not writable ({err.strerror or err}): write the pictures '
+                     'into another folder with --out_dir=DIR.') from err
+  return folder
+
+
 def _run_command(argv):
   values = flags.FLAGS
 
   def work():
-    for what in values.what:
-      if what == 'curves':
-        path = plot_training_curves(values.workdir)
-      else:
-        path = plot_retrievals(values.workdir, num_queries=values.num_queries, k=values.k)
+    for path in write_pictures(values.workdir, values.what, values.out_dir,
+                               values.num_queries, values.k):
       print(f'Wrote {path}.')
 
   command_line.run(argv, work)
@@ -183,8 +227,9 @@ def main():
   """``python -m contrastive.plots``; flags defined here, not at import."""
   flags.DEFINE_string('workdir', None, 'Workdir of a run.')
   flags.DEFINE_list('what', list(PLOTS), f'Which pictures: {", ".join(PLOTS)}.')
-  flags.register_validator('what', lambda values: set(values) <= set(PLOTS),
+  flags.register_validator('what', lambda values: bool(values) and set(values) <= set(PLOTS),
                            f'--what takes a comma-separated subset of {", ".join(PLOTS)}.')
+  flags.DEFINE_string('out_dir', None, 'Folder for the pictures; default: the workdir.')
   flags.DEFINE_integer('num_queries', 8, 'Retrievals: query images.')
   flags.DEFINE_integer('k', 8, 'Retrievals: neighbours per query.')
   flags.mark_flags_as_required(['workdir'])

@@ -106,9 +106,7 @@ def write_backbone(pretrained_workdir: str, workdir: str, step: int | None = Non
       f'step {pretrained.step}')
   path = os.path.join(workdir, BACKBONE_FILE)
   os.makedirs(workdir, exist_ok=True)
-  with open(path + '.partial', 'wb') as f:
-    f.write(data)
-  os.replace(path + '.partial', path)
+  paths.write_atomically(paths.resolve(path), data)
   return path
 
 
@@ -235,9 +233,8 @@ def _keep_config(cfg) -> None:
                        f'config ({", ".join(changed[:5])}{" ..." if len(changed) > 5 else ""} '
                        'changed); resume it with its own command or pick another --workdir.')
     return
-  with open(path + '.partial', 'w') as f:
-    f.write(cfg.dump())
-  os.replace(path + '.partial', path)
+  from contrastive import paths  # pylint: disable=g-import-not-at-top
+  paths.write_atomically(paths.resolve(path), cfg.dump())
 
 
 def _flat(tree, prefix=''):
