@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.image_size = 224
   config.data.eval_crop_fraction = 0.875   # 256 -> 224 centre crop; 1.0 = none
   config.data.in_memory = False            # True: whole split in host RAM, crops on device
+  # folder: an image with more pixels is skipped, named in a warning, in memory and
+  # streamed alike (PIL's decompression-bomb limit; TFDS records have none).
+  config.data.max_image_pixels = 89_478_485
   # Batches assembled on the host and sent to the devices ahead of the step that
   # takes them (a background thread); 0: each one when the step asks for it.
   config.data.prefetch = 2

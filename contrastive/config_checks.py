@@ -45,7 +45,8 @@ _RUN_FIELDS = (('global_batch_size', '> 0'), ('num_epochs', '>= 0'),
                ('keep_checkpoints', '>= 1'))
 _PRETRAINING_FIELDS = (('skip_nonfinite_steps', '>= 0'),)
 _DATA_FIELDS = (('image_size', '>= 1'), ('eval_crop_fraction', 'in (0, 1]'),
-                ('holdout_per_class', '>= 0'), ('prefetch', '>= 0'))
+                ('holdout_per_class', '>= 0'), ('prefetch', '>= 0'),
+                ('max_image_pixels', '>= 1'))
 
 
 def _show(path: str, value) -> str:

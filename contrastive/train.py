@@ -262,7 +262,8 @@ def _train(config, method: Method, run_dir: workdir_lib.Workdir,
   else:
     info = sources.split_info(config.data, 'train')
     num_examples, num_classes = info.num_examples, info.num_classes
-    steps_per_epoch = num_examples // config.global_batch_size
+    steps_per_epoch = sources.steps_per_epoch(config.data, num_examples,
+                                              config.global_batch_size)
   num_steps = loop.total_steps(config.num_epochs, steps_per_epoch)
   run = RunInfo(num_examples=num_examples, num_devices=layout.mesh.devices.size,
                 total_steps=num_steps)

@@ -9,8 +9,9 @@ skipping and shuffle buffers handle compressed images only; ``pipeline`` maps th
 decoding and augmentation over them.
 
 Each reader returns a tf.data dataset of ``{'encoded', 'label', 'index'}``
-(``'position'`` too for a stream) and a function naming an example for the
-warnings about unreadable images. TensorFlow is imported inside the functions.
+(``'position'`` too for a stream, with the examples of a pass) and a function
+naming an example for the warnings about unreadable images. TensorFlow is
+imported inside the functions.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def folder_in_order(data, split, shard_index, shard_count):
 
 
 def folder_stream(data, seed, shard_index, shard_count, start_position):
-  """``(stream, name_of)``: the block's endless ``{'encoded', 'label', 'index',
-  'position'}`` from ``start_position`` on (see ``pipeline.train_iterator``), and
-  position -> file path. Files before ``start_position`` are not read."""
+  """``(stream, length, name_of)``: the block's endless ``{'encoded', 'label', 'index',
+  'position'}`` from ``start_position`` on (see ``pipeline.train_iterator``), its
+  files a pass, and position -> file path. Files before ``start_position`` are not
+  read."""
   tf = tf_import.import_tensorflow()
   block = _folder_block(data, 'train', shard_index, shard_count)
   if block is None:
@@ -108,7 +110,7 @@ def folder_stream(data, seed, shard_index, shard_count, start_position):
     epoch, offset = divmod(position, length)
     return paths[order(epoch)[offset]]
 
-  return ds, name_of
+  return ds, length, name_of
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -213,4 +215,4 @@ def tfds_stream(data, seed, shard_index, shard_count, start_position):
 
   ds = tf.data.Dataset.counter(first_epoch).flat_map(pass_records)
   ds = ds.map(parse_at, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds, lambda position: f'at stream position {position} of {block.name}'
+  return ds, length, lambda position: f'at stream position {position} of {block.name}'

@@ -36,5 +36,6 @@ def _digits_split(data, split) -> tuple[np.ndarray, np.ndarray]:
   digits = datasets.load_digits()
   order = np.random.default_rng(0).permutation(len(digits.target))
   images, labels = digits.images[order], digits.target[order].astype(np.int32)
-  indices = source_base.holdout_indices(labels, data.holdout_per_class, split, 'digits dataset')
+  indices = source_base.holdout_indices(labels, data.holdout_per_class, split,
+                                        'digits dataset', [str(d) for d in range(NUM_CLASSES)])
   return images[indices], labels[indices]

@@ -28,8 +28,8 @@ import os
 
 from absl import logging
 import numpy as np
-from PIL import Image
 
+from contrastive.data import pil_images
 from contrastive.data import source_base
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
@@ -54,20 +54,24 @@ def load(data, split: str, shard_index: int, shard_count: int) -> source_base.Im
   # PIL releases the GIL while decoding and resampling pixels, the bulk of the work for
   # large images, and threads also overlap file reads on slow (network) file systems.
   workers = min(32, (os.cpu_count() or 1) + 4)
+  decode = functools.partial(_decode_file, size=data.image_size,
+                             limit=pil_images.max_pixels(data))
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    decoded = list(pool.map(functools.partial(_decode_file, size=data.image_size), paths))
-  ok = np.array([image is not None for image in decoded], bool)
-  bad = [p for p, good in zip(paths, ok) if not good]
-  if bad:
-    root = data.eval_path if split == 'eval' and data.get('eval_path') else data.path
-    logging.warning('Skipped %d of %d image files under %s that could not be decoded: %s%s',
-                    len(bad), len(paths), root, ', '.join(bad[:_NUM_SKIPPED_NAMED]),
-                    ', ...' if len(bad) > _NUM_SKIPPED_NAMED else '')
-  images = source_base.stack_images([image for image in decoded if image is not None],
+    decoded = list(pool.map(decode, paths))
+  ok = np.array([isinstance(image, np.ndarray) for image in decoded], bool)
+  root = data.eval_path if split == 'eval' and data.get('eval_path') else data.path
+  unreadable = [p for p, image in zip(paths, decoded) if image is None]
+  too_large = [image for image in decoded if isinstance(image, str)]
+  for what, names in (('could not be decoded', unreadable), ('are too large', too_large)):
+    if names:
+      logging.warning('Skipped %d of %d image files under %s that %s: %s%s', len(names),
+                      len(paths), root, what, ', '.join(names[:_NUM_SKIPPED_NAMED]),
+                      ', ...' if len(names) > _NUM_SKIPPED_NAMED else '')
+  images = source_base.stack_images([image for image, good in zip(decoded, ok) if good],
                                     data.image_size)
   labels = None if listing.labels is None else listing.labels[start:stop][ok]
   return source_base.ImageArrays(images=images, labels=labels, num_classes=listing.num_classes,
-                                 skipped=len(bad))
+                                 skipped=len(paths) - int(ok.sum()))
 
 
 def split_info(data, split: str) -> source_base.SplitInfo:
@@ -100,7 +104,8 @@ def folder_split(data, split: str) -> FolderSplit:
         f'data.path={root!r} has no separate eval split: set data.eval_path to a folder '
         'of evaluation images (one sub-folder per class), or data.holdout_per_class > 0 '
         'to hold out that many images per class.')
-  indices = source_base.holdout_indices(labels, data.holdout_per_class, split, f'folder {root!r}')
+  indices = source_base.holdout_indices(labels, data.holdout_per_class, split,
+                                        f'folder {root!r}', [d.name for d in class_dirs])
   return FolderSplit(paths=[paths[i] for i in indices], labels=labels[indices],
                      num_classes=len(class_dirs))
 
@@ -260,14 +265,14 @@ def _class_files(root: str, class_dirs) -> list[list[str]]:
   return per_class
 
 
-def _decode_file(path: str, size: int) -> np.ndarray | None:
-  """Decodes one image file to uint8 [size, size, 3], or None if it cannot be read."""
+def _decode_file(path: str, size: int, limit: int) -> np.ndarray | str | None:
+  """uint8 [size, size, 3] of one image file; its ``pil_images.too_large_note`` if it
+  has more than ``limit`` pixels, None if it cannot be read."""
   try:
-    with Image.open(path) as image:
-      image.draft('RGB', (size, size))  # JPEG: decode at a reduced scale still >= size.
-      if image.mode != 'RGB':
-        image = image.convert('RGB')
-      return np.asarray(source_base.fit_square(image, size))
+    return np.asarray(source_base.fit_square(
+        pil_images.read_rgb(path, limit, path, draft_size=size), size))
+  except pil_images.TooLarge as too_large:
+    return str(too_large)
   # PIL's format plugins raise many exception types on malformed files; any of them
   # means this one file is unusable, not that loading should stop.
   except Exception:  # pylint: disable=broad-except

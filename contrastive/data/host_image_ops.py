@@ -1,7 +1,7 @@
 """The streaming pipeline's image ops, in TensorFlow: decoding, crops and resizes.
 
-Each op works on one example inside a tf.data map of ``pipeline``: decoding any
-of JPEG/PNG/GIF/BMP/WebP (or only a JPEG's window), a training view's random
+Each op works on one example inside a tf.data map of ``pipeline``: decoding an
+image file to PIL's pixels (or only a JPEG's window), a training view's random
 resized crop and flip (the host counterpart of ``augment.sample_crop_box``: the
 same rule, so the same uniform draws give the same box), and evaluation's resize
 and centre crop. They take the TensorFlow module as their first argument,
@@ -9,6 +9,8 @@ so this module never imports it: callers get it from ``tf_import``.
 """
 
 import numpy as np
+
+from contrastive.data import pil_images
 
 # Random-resized-crop attempts before falling back to the whole image.
 _CROP_ATTEMPTS = 10
@@ -18,13 +20,84 @@ VIEW_DRAWS = 2 * _CROP_ATTEMPTS + 3
 # more than one chroma sample, 2 pixels at 4:2:0 and 4:2:2 (where 2 is measured to be
 # exact and 1 not) and 4 at 4:1:1 (which Pillow cannot write, so untested).
 _WINDOW_MARGIN = 8
+# libjpeg's accurate integer DCT, PIL's (TensorFlow's default, the fast one, differs
+# from it by a few levels).
+_JPEG_DCT = 'INTEGER_ACCURATE'
+# A BMP's header up to its size, bit depth and compression.
+_BMP_HEADER = 34
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
-def decode(tf, encoded):
-  """Any of JPEG/PNG/GIF/BMP/WebP -> uint8 [H, W, 3] (first frame of an animation)."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+def decode(tf, encoded, max_pixels=None):
+  """An image file -> uint8 [H, W, 3]: the pixels ``pil_images.read_rgb`` gives.
+
+  TensorFlow decodes JPEG (with libjpeg's accurate integer DCT, as PIL does), PNG
+  and uncompressed 24/32-bit BMP, once their header's size is within ``max_pixels``
+  (None: any size). Every other file (GIF, WebP, palette BMP, ...), where its pixels
+  differ from PIL's or it reads none, PIL decodes. A file that cannot be read, or
+  that has more than ``max_pixels`` pixels, fails the op.
+  """
+  def checked(pixels, decode_op):
+    with tf.control_dependencies(_pixel_checks(tf, pixels, max_pixels)):
+      return decode_op(encoded, channels=3)
+
+  def fields(header, start, length, dtype, little_endian=True):
+    return tf.io.decode_raw(tf.strings.substr(header, start, length), dtype,
+                            little_endian=little_endian)
+
+  def from_jpeg():
+    with tf.control_dependencies([jpeg_shape(tf, encoded, max_pixels)]):
+      return tf.io.decode_jpeg(encoded, channels=3, dct_method=_JPEG_DCT)
+
+  def from_png():
+    size = fields(encoded, 16, 8, tf.int32, little_endian=False)   # width, height
+    return checked(tf.reduce_prod(tf.cast(size, tf.int64)), tf.io.decode_png)
+
+  def from_other():
+    # A file shorter than a BMP header is padded, so that reading it fails only in PIL.
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(encoded, 0, _BMP_HEADER),
+                                              b'\0' * _BMP_HEADER]), 0, _BMP_HEADER)
+    bits = fields(head, 28, 2, tf.uint16)[0]
+    plain_bmp = (tf.equal(tf.strings.substr(head, 0, 2), b'BM') & ((bits == 24) | (bits == 32))
+                 & tf.equal(fields(head, 30, 4, tf.int32)[0], 0))   # not compressed
+    # Width and height, negative where rows are stored top-down.
+    bmp_pixels = tf.reduce_prod(tf.abs(tf.cast(fields(head, 18, 8, tf.int32), tf.int64)))
+    return tf.cond(plain_bmp, lambda: checked(bmp_pixels, tf.io.decode_bmp), with_pil)
+
+  def with_pil():
+    image = tf.numpy_function(lambda b: pil_images.decode_bytes(b, max_pixels), [encoded],
+                              tf.uint8, stateful=False)
+    with tf.control_dependencies([_fails_unless(
+        tf, tf.size(image) > 0, 'unreadable, or more pixels than data.max_image_pixels')]):
+      return tf.identity(image)
+
+  is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+  image = tf.cond(tf.io.is_jpeg(encoded), from_jpeg,
+                  lambda: tf.cond(is_png, from_png, from_other))
   image.set_shape([None, None, 3])
   return image
+
+
+def jpeg_shape(tf, encoded, max_pixels=None):
+  """int32 [height, width] of a JPEG, from its header; the op fails on a JPEG of more
+  than ``max_pixels`` pixels."""
+  shape = tf.io.extract_jpeg_shape(encoded)[:2]
+  pixels = tf.reduce_prod(tf.cast(shape, tf.int64))
+  with tf.control_dependencies(_pixel_checks(tf, pixels, max_pixels)):
+    return tf.identity(shape)
+
+
+def _pixel_checks(tf, pixels, max_pixels):
+  """The ops that fail above ``max_pixels``, to run before a decode."""
+  if max_pixels is None:
+    return []
+  return [_fails_unless(tf, pixels <= max_pixels, 'more pixels than data.max_image_pixels')]
+
+
+def _fails_unless(tf, condition, message: str):
+  """An op that fails where ``condition`` is False. The bare Assert op: tf.debugging's
+  asserts add a conditional around it, which cost more than decoding a CIFAR image."""
+  return tf.raw_ops.Assert(condition=condition, data=[tf.constant(message)])
 
 
 def _to_uint8(tf, image):
@@ -50,7 +123,7 @@ def decode_jpeg_window(tf, encoded, image_width, top, left, height, width):
   start = tf.maximum(left - _WINDOW_MARGIN, 0)
   stop = tf.minimum(left + width + _WINDOW_MARGIN, image_width)
   window = tf.io.decode_and_crop_jpeg(encoded, tf.stack([top, start, height, stop - start]),
-                                      channels=3)
+                                      channels=3, dct_method=_JPEG_DCT)
   return window[:, left - start:left - start + width]
 
 

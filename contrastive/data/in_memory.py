@@ -78,13 +78,15 @@ class InMemoryTrainData(_Sampler):
         blocks[here], images=self._images[start:stop],
         labels=None if blocks[here].labels is None else self._labels[start:stop])
     self._block_indices = np.arange(start, stop, dtype=np.int32)
+    if self.num_examples == 0 and self.skipped:
+      raise ValueError(
+          f'None of the {self.skipped} image files of the training split '
+          f'({sources.split_name(data_config, "train")}) could be read (the warnings above '
+          'name them and why): replace them, or point the config at readable images.')
     global_batch = per_device_batch * mesh.devices.size
     super().__init__(self.num_examples, mesh, global_batch, seed)
-    self.steps_per_epoch = self.num_examples // global_batch
-    if self.steps_per_epoch == 0:
-      raise ValueError(
-          f'The training split has {self.num_examples} images, fewer than one global '
-          f'batch of {global_batch}: lower config.global_batch_size.')
+    self.steps_per_epoch = sources.steps_per_epoch(data_config, self.num_examples,
+                                                   global_batch)
 
   def process_block(self) -> source_base.ImageArrays:
     """This process's block of the split in the split's order, for evaluation:

@@ -28,6 +28,7 @@ import numpy as np
 from contrastive.data import block_readers
 from contrastive.data import host_image_ops as ops
 from contrastive.data import padding
+from contrastive.data import pil_images
 from contrastive.data import source_base
 from contrastive.data import sources
 from contrastive.data import tf_import
@@ -59,10 +60,12 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
   position in the split, for methods that keep per-image state), 'position': int64
   [b] (stream positions, increasing)}``. Batches run on across passes.
 
-  An unreadable image is left out of the stream (the next ones fill the batch) and
-  named once in a warning. Each pass then holds fewer images than the file count
-  the trainer's epoch length is counted from, so its step-counted epochs run that
-  fraction ahead of the passes; no image is dropped or repeated for it.
+  An unreadable image, or a folder's image of more than ``data.max_image_pixels``
+  pixels, is left out of the stream (the next ones fill the batch) and named once in
+  a warning. Each pass then holds fewer images than the file count the trainer's
+  epoch length is counted from, so its step-counted epochs run that fraction ahead
+  of the passes; no image is dropped or repeated for it. A whole pass without one
+  readable image is a ValueError, not an endless search for one.
 
   ``jpeg_windows``: decode each view of a JPEG from its own crop window
   (``tf.io.decode_and_crop_jpeg``) instead of cutting every view from one decode of the
@@ -89,7 +92,8 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
   if stream is None:
     raise ValueError(f'Process {shard_index} of {shard_count} has no training examples: the '
                      'split is smaller than the number of processes.')
-  encoded, name_of = stream
+  examples, length, name_of = stream
+  max_pixels, note = _size_limit(data)
   process_seed = _process_seed(seed, shard_index)
   sizes = [int(view.size) for view in views]
   flip_probs = tf.constant([float(view.aug.flip_prob) for view in views])
@@ -113,12 +117,12 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
     # Views are resized from float32 pixels: the same values as from uint8, and
     # faster. A whole image is cast once, not once per view.
     def from_whole_image():
-      image = tf.cast(ops.decode(tf, encoded), tf.float32)
+      image = tf.cast(ops.decode(tf, encoded, max_pixels), tf.float32)
       return cut_views(tf.shape(image)[:2],
                        lambda top, left, h, w: image[top:top + h, left:left + w])
 
     def from_jpeg_windows():
-      shape = tf.io.extract_jpeg_shape(encoded)[:2]
+      shape = ops.jpeg_shape(tf, encoded, max_pixels)
       return cut_views(shape, lambda *box: tf.cast(
           ops.decode_jpeg_window(tf, encoded, shape[1], *box), tf.float32))
 
@@ -127,16 +131,26 @@ def train_iterator(data, views, local_batch_size: int, seed: int, shard_index: i
     return {'views': cut, 'label': example['label'], 'index': example['index'],
             'position': example['position']}
 
-  ds = encoded.map(augmented_views, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _with_pass_ends(tf, examples, length, start_position)
+  ds = ds.map(augmented_views, num_parallel_calls=tf.data.AUTOTUNE)
   # Drops the examples that fail to read or decode, without TensorFlow's per-example
   # log lines: _name_skipped names each one once instead.
   ds = ds.ignore_errors()
+  ds = _until_a_pass_reads_nothing(tf, ds)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()
   # In-order parallel map: batch composition must not depend on thread timing.
   options.deterministic = True
+
+  def nothing_read():
+    whose = '' if shard_count == 1 else f' that process {shard_index} of {shard_count} reads'
+    return (f'None of the {length} images{whose} of the training split '
+            f'({sources.split_name(data, "train")}) could be read in a whole pass over '
+            f'them, e.g. {note(name_of(start_position))}: replace them, or point the '
+            'config at readable images.')
+
   return _name_skipped(ds.with_options(options).as_numpy_iterator(), start_position,
-                       name_of)
+                       name_of, note, nothing_read)
 
 
 def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
@@ -161,21 +175,72 @@ def eval_iterator(data, split: str, local_batch_size: int, shard_index: int,
     return iter(())
   encoded, (start, stop), name_of = block
   size = data.image_size
+  max_pixels, note = _size_limit(data)
 
   def preprocess(example):
-    image = ops.resize_and_centre_crop(tf, ops.decode(tf, example['encoded']), size,
-                                       crop_fraction)
+    image = ops.resize_and_centre_crop(tf, ops.decode(tf, example['encoded'], max_pixels),
+                                       size, crop_fraction)
     return {'image': image, 'label': example['label'], 'index': example['index']}
 
   ds = encoded.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.ignore_errors()
   ds = ds.batch(local_batch_size).prefetch(tf.data.AUTOTUNE)
-  return _pad_last(ds.as_numpy_iterator(), local_batch_size, start, stop, name_of)
+  return _pad_last(ds.as_numpy_iterator(), local_batch_size, start, stop,
+                   lambda i: note(name_of(i)))
 
 
-def _name_skipped(batches, start_position: int, name_of: Callable[[int], str]):
+def _size_limit(data) -> tuple[int | None, Callable[[str], str]]:
+  """(most pixels an image may have, name -> the name in a skip warning), as in
+  memory: an image folder's ``data.max_image_pixels`` and ``pil_images.skip_note``;
+  no limit for TFDS records."""
+  if data.source != 'folder':
+    return None, lambda name: name
+  limit = pil_images.max_pixels(data)
+  return limit, lambda path: pil_images.skip_note(path, limit)
+
+
+def _with_pass_ends(tf, examples, length: int, start_position: int):
+  """The stream with a marker after each whole pass of ``length`` examples: a 1-pixel
+  PNG at position -1, which decodes whatever the block's files are."""
+  first_epoch, first_offset = divmod(start_position, length)
+  marker = {'encoded': tf.io.encode_png(tf.zeros([1, 1, 3], tf.uint8)),
+            'label': tf.constant(-1, tf.int32), 'index': tf.constant(-1, tf.int32),
+            'position': tf.constant(-1, tf.int64)}
+
+  def pass_choices(epoch):    # 0: the pass's next example, 1: its marker
+    skip = first_offset * tf.cast(epoch == first_epoch, tf.int64)
+    ends = tf.data.Dataset.from_tensors(tf.constant(1, tf.int64))
+    return (tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat(length - skip)
+            .concatenate(ends.take(tf.cast(skip == 0, tf.int64))))
+
+  return tf.data.Dataset.choose_from_datasets(
+      [examples, tf.data.Dataset.from_tensors(marker).repeat()],
+      tf.data.Dataset.counter(first_epoch).flat_map(pass_choices))
+
+
+def _until_a_pass_reads_nothing(tf, ds):
+  """Drops the markers of ``_with_pass_ends``; ends the stream at one that closes a
+  whole pass in which no example was read and decoded."""
+
+  def count(read, example):   # read: examples since the last marker
+    end = example['position'] < 0
+    return tf.where(end, tf.constant(0, tf.int64), read + 1), (example, end & (read == 0))
+
+  def is_example(example, _):
+    return example['position'] >= 0
+
+  def without_flag(example, _):
+    return example
+
+  ds = ds.scan(tf.constant(0, tf.int64), count).take_while(lambda _, empty: ~empty)
+  return ds.filter(is_example).map(without_flag)
+
+
+def _name_skipped(batches, start_position: int, name_of: Callable[[int], str],
+                  note: Callable[[str], str], nothing_read: Callable[[], str]):
   """Passes the batches on, warning once per example that a gap in 'position' shows
-  was left out."""
+  was left out (``note``: its name with why, where known); raises ``nothing_read()``
+  where the stream ends, which only a pass without a readable image ends."""
   named = set()
   expected = start_position
   for batch in batches:
@@ -184,10 +249,13 @@ def _name_skipped(batches, start_position: int, name_of: Callable[[int], str]):
       name = name_of(int(position))
       if name not in named:
         named.add(name)
-        logging.warning('Skipped unreadable image %s (%d skipped so far); the following '
-                        'images take its place.', name, len(named))
+        noted = note(name)
+        logging.warning('Skipped %s %s (%d skipped so far); the following images take its '
+                        'place.', 'unreadable image' if noted == name else 'image', noted,
+                        len(named))
     expected = positions[-1] + 1
     yield batch
+  raise ValueError(nothing_read())
 
 
 def _pad_last(batches, batch_size: int, start: int, stop: int,
@@ -203,7 +271,8 @@ def _pad_last(batches, batch_size: int, start: int, stop: int,
     yield padding.pad_batch(batch['image'], batch['label'], batch_size, index)
   skipped.extend(range(expected, stop))
   if skipped:
-    logging.warning('Skipped %d of %d images that could not be read or decoded: %s%s',
+    logging.warning('Skipped %d of %d images that could not be read or decoded, or are '
+                    'too large: %s%s',
                     len(skipped), stop - start,
                     ', '.join(name_of(i) for i in skipped[:_NUM_SKIPPED_NAMED]),
                     ', ...' if len(skipped) > _NUM_SKIPPED_NAMED else '')

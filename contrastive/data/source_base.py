@@ -68,9 +68,13 @@ def shard_bounds(total: int, shard_index: int, shard_count: int) -> tuple[int, i
   return total * shard_index // shard_count, total * (shard_index + 1) // shard_count
 
 
-def holdout_indices(labels: np.ndarray, holdout_per_class: int, split: str,
-                    what: str) -> np.ndarray:
-  """Indices (in order) of one split: the first ``holdout_per_class`` of each class are 'eval'."""
+def holdout_indices(labels: np.ndarray, holdout_per_class: int, split: str, what: str,
+                    class_names: list[str]) -> np.ndarray:
+  """Indices (in order) of one split: the first ``holdout_per_class`` of each class are 'eval'.
+
+  ``class_names[label]`` names a class too small for the holdout in the error, as
+  its user knows it (a folder's sub-folder name), within ``what``.
+  """
   if holdout_per_class < 0:
     raise ValueError(f'data.holdout_per_class must be >= 0, got {holdout_per_class}.')
   if split == 'eval' and holdout_per_class == 0:
@@ -78,11 +82,15 @@ def holdout_indices(labels: np.ndarray, holdout_per_class: int, split: str,
         f'The {what} has no separate eval split: set data.holdout_per_class > 0 to hold '
         'out that many images per class for evaluation.')
   classes, counts = np.unique(labels, return_counts=True)
-  too_small = [(int(c), int(n)) for c, n in zip(classes, counts) if n <= holdout_per_class]
+  too_small = [(class_names[c], int(n)) for c, n in zip(classes, counts)
+               if n <= holdout_per_class]
   if too_small:
+    named = ', '.join(f'{name!r} {n}' for name, n in too_small[:5])
+    more = f', {len(too_small) - 5} more' if len(too_small) > 5 else ''
     raise ValueError(
-        f'data.holdout_per_class={holdout_per_class} would leave no training images for '
-        f'(class, count) {too_small[:5]} of the {what}; lower it.')
+        f'data.holdout_per_class={holdout_per_class} would leave no training images in '
+        f'{len(too_small)} classes of the {what} (their images: {named}{more}): lower it '
+        f'to at most {min(n for _, n in too_small) - 1}, or add images to those classes.')
   # Rank of each example among the examples of its class, in order: a stable sort
   # groups the classes, and the rank is the position minus the group's start.
   by_class = np.argsort(labels, kind='stable')

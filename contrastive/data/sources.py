@@ -50,6 +50,29 @@ def split_info(data, split: str) -> source_base.SplitInfo:
   return _source_module(data).split_info(data, split)
 
 
+def steps_per_epoch(data, num_images: int, global_batch: int) -> int:
+  """Full global batches in an epoch of ``num_images`` training images; an error
+  before anything is compiled when there is not one."""
+  if num_images < global_batch:
+    raise ValueError(
+        f'The training split ({split_name(data, "train")}) has {num_images} images, fewer '
+        f'than one global batch of {global_batch}: lower config.global_batch_size to at '
+        f'most {num_images}, or add images.')
+  return num_images // global_batch
+
+
+def split_name(data, split: str) -> str:
+  """Where a split's images come from, as the config names it, for messages."""
+  if data.source == 'folder':
+    eval_path = data.get('eval_path') or ''
+    return (f'data.eval_path={eval_path!r}' if split == 'eval' and eval_path
+            else f'data.path={data.path!r}')
+  if data.source == 'tfds':
+    tfds_split = data.train_split if split == 'train' else data.eval_split
+    return f'TFDS {data.name} {tfds_split!r}'
+  return f'data.source={data.source!r}'
+
+
 def _source_module(data):
   """The module implementing the (checked) ``data.source``."""
   source_base.check_eval_path(data)

@@ -20,6 +20,7 @@ import textwrap
 
 import numpy as np
 
+from contrastive.data import host_image_ops
 from contrastive.data import source_base
 from contrastive.data import tf_import
 
@@ -32,10 +33,18 @@ def load(data, split: str, shard_index: int, shard_count: int) -> source_base.Im
   instruction, _ = tfds_shard(builder, tfds_split_name(data, split), shard_index, shard_count)
   images, labels = [], []
   if instruction is not None:
+    # Encoded images are decoded as the streaming pipeline decodes them.
+    encoded = isinstance(builder.info.features['image'], tfds.features.Image)
     # One file at a time: the default interleaving of files would make the order
     # of a block differ from its order inside a bigger block.
-    dataset = builder.as_dataset(split=instruction, shuffle_files=False,
-                                 read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    dataset = builder.as_dataset(
+        split=instruction, shuffle_files=False,
+        read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        decoders={'image': tfds.decode.SkipDecoding()} if encoded else None)
+    if encoded:
+      tf = tf_import.import_tensorflow()
+      dataset = dataset.map(lambda ex: {**ex, 'image': host_image_ops.decode(tf, ex['image'])},
+                            num_parallel_calls=tf.data.AUTOTUNE)
     # Crossing from tf.data to numpy per example costs more than decoding a CIFAR
     # image, so batch whenever all images share one shape.
     batch_size = 1 if None in builder.info.features['image'].shape else 1024
