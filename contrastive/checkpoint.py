@@ -22,6 +22,8 @@ import dataclasses
 import errno
 import logging
 import re
+import sys
+import threading
 from typing import Any, NamedTuple
 
 import jax
@@ -105,6 +107,7 @@ class Saves:
     self._pending = None          # the step of the save in flight
     self._failed = False
     _quiet_orbax_save_errors()
+    _quiet_late_noise()
 
   def save(self, state, run: dict) -> None:
     """Starts the save of ``state`` and the ``run`` record (after the one before)."""
@@ -150,6 +153,7 @@ def write_failure(what: str, error: BaseException, directory: epath.Path,
                   step: int | None = None) -> SaveFailed:
   """``what`` failed because of ``error``: one line with the cause, the last good
   checkpoint in ``directory`` (before ``step``) and what to do."""
+  _write_failed.set()
   cause, advice = _cause(error)
   good = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and
           (step is None or int(p.name) < step)] if directory.is_dir() else []
@@ -173,19 +177,65 @@ def _cause(error: BaseException) -> tuple[str, str]:
   return _describe(error), 'Fix the cause'
 
 
+def _verbose() -> bool:
+  return absl_logging.get_verbosity() >= absl_logging.DEBUG
+
+
 class _QuietOrbaxSaveErrors(logging.Filter):
-  """Drops Orbax's tracebacks of a failed background save (:class:`Saves` reports
-  it in one line), unless the command runs with ``--verbosity=1``."""
+  """Drops the tracebacks that Orbax, and asyncio for Orbax's tasks, log of a failed
+  background save (:class:`Saves` reports it in one line), unless the command runs
+  with ``--verbosity=1``."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return (record.levelno < logging.ERROR or 'orbax' not in record.pathname or
-            absl_logging.get_verbosity() >= absl_logging.DEBUG)
+    return (record.levelno < logging.ERROR or _verbose() or
+            ('orbax' not in record.pathname and 'orbax' not in record.getMessage()))
 
 
 def _quiet_orbax_save_errors():
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _QuietOrbaxSaveErrors) for f in absl_logger.filters):
-    absl_logger.addFilter(_QuietOrbaxSaveErrors())
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _QuietOrbaxSaveErrors) for f in logger.filters):
+      logger.addFilter(_QuietOrbaxSaveErrors())
+
+
+_write_failed = threading.Event()     # a write of this run failed (see write_failure)
+
+
+def _is_late_noise(error: BaseException | None) -> bool:
+  """What the libraries print around a failed write: TensorStore writes still in
+  flight completing on Orbax's closed event loop; once a write failed, TensorBoard's
+  writer thread and exit hook failing on the same full disk."""
+  text = str(error)
+  if isinstance(error, RuntimeError) and text == 'Event loop is closed':
+    return True
+  return _write_failed.is_set() and isinstance(error, OSError) and (
+      error.errno in _CAUSES or text == 'handle is closed')
+
+
+def _quiet_late_noise() -> None:
+  """Keeps those tracebacks (printed through Python's exception hooks, from the
+  libraries' own threads and at exit) off the console, which has the one-line
+  error; ``--verbosity=1`` keeps them."""
+  if getattr(sys.unraisablehook, 'quiet_late_noise', False):
+    return
+  excepthook, thread_hook, unraisable_hook = (sys.excepthook, threading.excepthook,
+                                              sys.unraisablehook)
+
+  def quiet_excepthook(kind, error, traceback):
+    if _verbose() or not _is_late_noise(error):
+      excepthook(kind, error, traceback)
+
+  def quiet_thread_hook(arguments):
+    if _verbose() or not _is_late_noise(arguments.exc_value):
+      thread_hook(arguments)
+
+  def quiet_unraisable_hook(unraisable):
+    if _verbose() or not _is_late_noise(unraisable.exc_value):
+      unraisable_hook(unraisable)
+
+  quiet_unraisable_hook.quiet_late_noise = True
+  sys.excepthook, threading.excepthook = quiet_excepthook, quiet_thread_hook
+  sys.unraisablehook = quiet_unraisable_hook
 
 
 class Restored(NamedTuple):
