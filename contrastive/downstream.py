@@ -23,7 +23,6 @@ standard 1% / 10% subsets use the TFDS builder ``imagenet2012_subset/1pct``
 (or ``10pct``) as ``data.name``.
 """
 
-import json
 import os
 from typing import NamedTuple
 
@@ -241,7 +240,12 @@ def _pretrained_step(config, manager, workdir: str) -> int | None:
     return config.pretrained_step
   path = paths.resolve(workdir) / 'config.json'
   if manager.latest_step() is not None and path.exists():
-    return json.loads(path.read_text()).get('pretrained_step')
+    try:
+      return workdir_lib.read_json_object(path, 'the record of a downstream run').get(
+          'pretrained_step')
+    except ValueError as unreadable:
+      raise ValueError(f'{unreadable} It recorded the pretraining step this run started '
+                       'from: give it as --config.pretrained_step to resume.') from None
   return None
 
 
@@ -314,7 +318,11 @@ def _check_workdir(workdir: str, config) -> None:
     raise ValueError(f'--workdir={workdir} is config.pretrained={config.pretrained!r}: the '
                      f'downstream workdir must differ from config.pretrained ({suggestion}).')
   saved = paths.resolve(workdir) / 'config.json'
-  if saved.is_file() and 'method' in json.loads(saved.read_text()):
+  try:
+    record = workdir_lib.read_json_object(saved, 'a config record') if saved.is_file() else {}
+  except ValueError:
+    record = {}      # cut short: resuming names it where it matters
+  if 'method' in record:
     raise ValueError(f'--workdir={workdir} holds a pretraining run ({saved}): give the '
                      f'downstream run a workdir of its own ({suggestion}).')
 

@@ -145,3 +145,22 @@ def test_an_interrupted_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     paths.write_atomically(path, '{"new": 2}')
   assert json.loads(path.read_text()) == {'old': 1}
+
+
+def test_a_cut_downstream_record_is_named_with_what_to_do(tmp_path):
+  """A resumed downstream run reads the pretraining step it started from in its
+  config.json: cut short, that is one line saying how to give the step."""
+  from contrastive import config as config_lib  # pylint: disable=g-import-not-at-top
+  from contrastive import downstream  # pylint: disable=g-import-not-at-top
+
+  class Resumed:
+    def latest_step(self):
+      return 3
+
+  config = config_lib.downstream_config()
+  (tmp_path / 'config.json').write_text('{"pretrained_step": 1')
+  with pytest.raises(ValueError, match=r'config.json cannot be read as the record of a '
+                     r'downstream run .* give it as --config.pretrained_step to resume'):
+    downstream._pretrained_step(config, Resumed(), str(tmp_path))   # pylint: disable=protected-access
+  (tmp_path / 'config.json').write_text('{"pretrained_step": 1}')
+  assert downstream._pretrained_step(config, Resumed(), str(tmp_path)) == 1   # pylint: disable=protected-access
