@@ -10,6 +10,7 @@ Like tests/test_detectron2.py this runs detectron2 itself, in its own processes
 import glob
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -97,7 +98,40 @@ def _metrics(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.json').read_text().splitlines()]
 
 
-def test_fine_tunes_the_exported_backbone_and_evaluates(setup):
+_REFUSALS = """
+import pickle, sys
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from contrastive import transfer
+
+recipe, pretrained, folder = sys.argv[1:]
+pkl = transfer.write_backbone(pretrained, folder)    # from the bucket
+settings = transfer.backbone_settings(pkl)
+print('width_per_group:', settings['MODEL.RESNETS.WIDTH_PER_GROUP'])
+settings['MODEL.WEIGHTS'] = pkl
+try:
+  transfer.build_config(recipe, settings, ['MODEL.RESNETS.DEPTH', '101'], folder)
+except ValueError as error:
+  print('override:', error)
+# The file without detectron2's suffix matching: its names match none of the model's.
+with open(pkl, 'rb') as f:
+  exact_names = {**pickle.load(f), 'matching_heuristics': False}
+with open(folder + '/exact_names.pkl', 'wb') as f:
+  pickle.dump(exact_names, f)
+transfer._register_heads()
+model = build_model(transfer.build_config(recipe, settings, [], folder))
+DetectionCheckpointer(model).load(folder + '/exact_names.pkl')
+try:
+  transfer.check_backbone(model, pkl)
+except RuntimeError as error:
+  print('check:', error)
+"""
+
+
+def test_fine_tunes_the_exported_backbone_and_evaluates(setup, remote_fs, tmp_path):  # pylint: disable=redefined-outer-name
+  """The fine-tune and evaluation; then, on the same pretrained run (one test, so
+  that the suite's workers pretrain it once), the refusals and the run read from a
+  bucket."""
   pretrained, datasets, folder = setup
   workdir = folder / 'voc_recipe'
   result = _transfer(pretrained, workdir, datasets, overrides=_small(ITERATIONS))
@@ -131,43 +165,28 @@ def test_fine_tunes_the_exported_backbone_and_evaluates(setup):
   assert changed.stderr.strip().splitlines()[-1].startswith('contrastive.transfer: ')
   assert 'SOLVER.MAX_ITER' in changed.stderr
 
-
-_REFUSALS = """
-import pickle, sys
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
-from contrastive import transfer
-
-recipe, pretrained, folder = sys.argv[1:]
-pkl = transfer.write_backbone(pretrained, folder)
-settings = transfer.backbone_settings(pkl)
-print('width_per_group:', settings['MODEL.RESNETS.WIDTH_PER_GROUP'])
-settings['MODEL.WEIGHTS'] = pkl
-try:
-  transfer.build_config(recipe, settings, ['MODEL.RESNETS.DEPTH', '101'], folder)
-except ValueError as error:
-  print('override:', error)
-# The file without detectron2's suffix matching: its names match none of the model's.
-with open(pkl, 'rb') as f:
-  exact_names = {**pickle.load(f), 'matching_heuristics': False}
-with open(folder + '/exact_names.pkl', 'wb') as f:
-  pickle.dump(exact_names, f)
-transfer._register_heads()
-model = build_model(transfer.build_config(recipe, settings, [], folder))
-DetectionCheckpointer(model).load(folder + '/exact_names.pkl')
-try:
-  transfer.check_backbone(model, pkl)
-except RuntimeError as error:
-  print('check:', error)
-"""
-
-
-def test_refuses_overrides_of_the_backbone_and_a_backbone_not_loaded(setup, tmp_path):
-  pretrained, _, _ = setup
-  result = subprocess.run([sys.executable, '-c', _REFUSALS, RECIPE, pretrained,
+  # --pretrained=gs://... (the local GCS emulator): the backbone read from the bucket
+  # is the local one, under the same names; only the recorded source differs.
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  for root, _, names in os.walk(pretrained):
+    for name in names:
+      local = os.path.join(root, name)
+      with open(local, 'rb') as f:
+        (epath.Path(remote_fs.url) / os.path.relpath(local, pretrained)).write_bytes(f.read())
+  result = subprocess.run([sys.executable, '-c', _REFUSALS, RECIPE, remote_fs.url,
                            str(tmp_path)], capture_output=True, text=True, check=False,
-                          cwd=_REPO)
+                          cwd=_REPO, env=remote_fs.env)
   assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / 'backbone.pkl', 'rb') as f:
+    local = pickle.load(f)
+  with open(tmp_path / 'backbone.pkl', 'rb') as f:
+    bucket = pickle.load(f)
+  assert remote_fs.url in bucket['__author__']
+  assert local['model'].keys() == bucket['model'].keys() and len(local['model']) == 265
+  assert all(np.array_equal(local['model'][k], bucket['model'][k]) for k in local['model'])
+
+  # The refusals: an override of what the weights fix, and a model that did not
+  # take the file's tensors.
   lines = dict(line.split(': ', 1) for line in result.stdout.splitlines()
                if line.startswith(('width_per_group:', 'override:', 'check:')))
   # The 1/8-width ResNet-50: 8 channels in res2's bottleneck, read from the file.
@@ -178,6 +197,8 @@ def test_refuses_overrides_of_the_backbone_and_a_backbone_not_loaded(setup, tmp_
   # as loaded: what is checked is that the model holds the file's values.
   loaded = re.match(r'detectron2 loaded (\d+) of the 265 tensors of ', lines['check'])
   assert loaded and int(loaded.group(1)) < 200, lines['check']
+
+
 
 
 _RECIPES = """
@@ -219,34 +240,3 @@ def test_every_recipe_builds_its_model(tmp_path):
     assert head == ('Res5ROIHeadsWithNorm' if '_C4_' in recipe else 'StandardROIHeads')
     assert int(iterations) == {'24k': 24000, '1x': 90000, '2x': 180000}[
         recipe.rsplit('_', 1)[1][:-len('.yaml')]]
-
-
-_FROM_A_BUCKET = """
-import sys
-from contrastive import transfer
-print('settings:', transfer.backbone_settings(transfer.write_backbone(*sys.argv[1:])))
-"""
-
-
-def test_a_pretrained_workdir_in_a_bucket(setup, remote_fs, tmp_path):  # pylint: disable=redefined-outer-name
-  """``--pretrained=gs://...``: the backbone read from the bucket is the local one."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  pretrained, _, _ = setup
-  for root, _, names in os.walk(pretrained):
-    for name in names:
-      local = os.path.join(root, name)
-      (epath.Path(remote_fs.url) / os.path.relpath(local, pretrained)).write_bytes(
-          open(local, 'rb').read())
-  outputs = {}
-  for where, source in (('local', pretrained), ('bucket', remote_fs.url)):
-    result = subprocess.run([sys.executable, '-c', _FROM_A_BUCKET, source,
-                             str(tmp_path / where)], capture_output=True, text=True,
-                            check=False, cwd=_REPO, env=remote_fs.env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs[where] = (tmp_path / where / 'backbone.pkl').read_bytes()
-  # The same arrays under the same names; only the recorded source differs.
-  import pickle  # pylint: disable=g-import-not-at-top
-  local, bucket = (pickle.loads(outputs[w]) for w in ('local', 'bucket'))
-  assert remote_fs.url in bucket['__author__']
-  assert local['model'].keys() == bucket['model'].keys() and len(local['model']) == 265
-  assert all(np.array_equal(local['model'][k], bucket['model'][k]) for k in local['model'])
