@@ -101,7 +101,7 @@ class Preemption:
 
   def __init__(self):
     self.signal = None
-    self.stepping = False     # steps taken since the last save (the loop sets it)
+    self.stepping = False     # the loop took a step: a signal now saves it
     self.finished = False     # training ended and its last checkpoint is written
     self._previous = {}
     self._wakeup = None

@@ -94,17 +94,28 @@ class WriteFailed(OSError):
 
 def _drop_torn_last_line(path) -> None:
   """Cuts a last line that a kill or a full disk left unfinished, and says so, so
-  that the lines appended next stay one record each."""
+  that the lines appended next stay one record each. Reads only the file's end."""
   if not path.exists():
     return
   with open(path, 'rb+') as f:
-    data = f.read()
-    if not data or data.endswith(b'\n'):
+    size = f.seek(0, os.SEEK_END)
+    if not size:
       return
-    kept = data.rfind(b'\n') + 1
-    f.truncate(kept)
+    end = size
+    while end > 0:
+      start = max(0, end - 65536)
+      f.seek(start)
+      chunk = f.read(end - start)
+      if end == size and chunk.endswith(b'\n'):
+        return
+      newline = chunk.rfind(b'\n')
+      if newline >= 0:
+        end = start + newline + 1
+        break
+      end = start
+    f.truncate(end)
   say(f'WARNING: the last line of {path} was cut short (a kill or a full disk while it '
-      f'was written); dropped its {len(data) - kept} bytes.')
+      f'was written); dropped its {size - end} bytes.')
 
 
 def read_metrics(workdir) -> dict[int, dict]:
