@@ -34,6 +34,7 @@ _AUG_NUMBERS = {
     'flip_prob': 'in [0, 1]', 'color_jitter_prob': 'in [0, 1]',
     'grayscale_prob': 'in [0, 1]', 'blur_prob': 'in [0, 1]', 'solarize_prob': 'in [0, 1]',
     'brightness': '>= 0', 'contrast': '>= 0', 'saturation': '>= 0', 'hue': 'in [0, 0.5]',
+    'channel_drop_prob': 'in [0, 1]',
 }
 _AUG_PAIRS = {                             # name -> (rule as written, test of (lo, hi))
     'crop_area': ('0 < lo <= hi <= 1', lambda lo, hi: 0 < lo <= hi <= 1),
@@ -128,6 +129,27 @@ def check_augmentation(aug, field: str = 'aug') -> list[str]:
                 and (name == 'mean' or all(v > 0 for v in value))):
           problems.append(f'{_show(f"{field}.{name}", value)}; must be 3 numbers{rule} '
                           '(R, G, B), or None with no normalisation')
+  return problems
+
+
+def check_patch_grid(grid, view_size: int) -> list[str]:
+  """The problems of a view's grid of patches (:class:`contrastive.methods.PatchGrid`):
+  its augmentation section, and patches that fit the view at least twice per side."""
+  problems = check_augmentation(grid.aug, grid.field)
+  if grid.aug.get('mean') is not None:
+    problems.append(f'{_show(f"{grid.field}.mean", grid.aug.mean)}; the patches are '
+                    "normalised with their view's mean and std: leave it None")
+  section = grid.field.rpartition('.')[0]
+  size, stride = f'{section}.patch_size', f'{section}.patch_stride'
+  if not (isinstance(grid.size, int) and 1 <= grid.size <= view_size):
+    problems.append(f'{_show(size, grid.size)}; must be an integer in [1, {view_size}] '
+                    f'(the view is {view_size} px)')
+  elif not (isinstance(grid.stride, int) and grid.stride >= 1):
+    problems.append(f'{_show(stride, grid.stride)}; must be an integer >= 1')
+  elif (view_size - grid.size) % grid.stride or view_size - grid.size < grid.stride:
+    problems.append(f'{_show(stride, grid.stride)} with {size}={grid.size} does not tile '
+                    f'the {view_size} px view into at least 2 x 2 patches: '
+                    f'{view_size} - {grid.size} must be a positive multiple of the stride')
   return problems
 
 

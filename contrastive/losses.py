@@ -216,3 +216,75 @@ def in_batch_info_nce(q, k, temperature: float, axis_name: str | None = None):
   if axis_name is not None:
     loss = jax.lax.pmean(loss, axis_name)
   return loss
+
+
+def _gathered(x, axis_name: str | None):
+  """``x`` of every replica, concatenated in device order, and where this
+  replica's rows start in it."""
+  if axis_name is None:
+    return x, 0
+  return (jax.lax.all_gather(x, axis_name, tiled=True),
+          jax.lax.axis_index(axis_name) * x.shape[0])
+
+
+def predictive_cross_entropy(queries, positive_logits, candidates,
+                             axis_name: str | None = None):
+  """CPC's InfoNCE, per query: against all candidates of the global batch.
+
+  Each query's positive is one of the candidates (its patch's target); the others
+  are its negatives. Queries are gathered and scored against this device's
+  candidates only, and the softmax is combined across devices by
+  :func:`sharded_logsumexp`: a device holds [global queries x local candidates],
+  never every candidate.
+
+  Args:
+    queries: ``[m, d]`` this device's predictions.
+    positive_logits: ``[m]``, each query's logit with its own target.
+    candidates: ``[c, d]`` this device's targets.
+    axis_name: the mesh axis splitting the batch; None for one device.
+
+  Returns:
+    ``[m]``: ``logsumexp(query . every candidate) - positive`` of this device's rows.
+  """
+  everyone, start = _gathered(queries, axis_name)
+  log_sum = sharded_logsumexp(everyone @ candidates.T, axis_name)       # [M]
+  return jax.lax.dynamic_slice_in_dim(log_sum, start, queries.shape[0]) - positive_logits
+
+
+def global_local_nce(sources, targets, clip: float, penalty: float,
+                     axis_name: str | None = None):
+  """AMDIM's NCE of each image's source vector against every target location.
+
+  Scores are ``<source_i, target_j,l> / sqrt(D)`` for every source image ``i``,
+  target image ``j`` and location ``l`` of the global batch; the regulariser is
+  ``penalty`` times their mean square, and they are then clipped to ``clip *
+  tanh(s / clip)``. For each ``(i, l)`` the positive is location ``l`` of image
+  ``i``'s own targets and the negatives are every location of every other image
+  (AMDIM's costs.py); each device scores all sources against its own targets.
+
+  Args:
+    sources: ``[b, D]`` this device's source vectors.
+    targets: ``[b, L, D]`` the same images' target locations.
+    clip, penalty: AMDIM's ``tclip`` (20) and regulariser weight (0.05).
+    axis_name: the mesh axis splitting the batch; None for one device.
+
+  Returns:
+    ``(nce, regulariser)``: the means over the global batch, on every replica.
+  """
+  scale = 1.0 / jnp.sqrt(jnp.float32(targets.shape[-1]))
+  sources, targets = sources.astype(jnp.float32), targets.astype(jnp.float32)
+  everyone, start = _gathered(sources, axis_name)
+  raw = jnp.einsum('nd,jld->njl', everyone, targets) * scale          # [N, b, L]
+  regulariser = penalty * jnp.mean(jnp.square(raw))
+  scores = clip * jnp.tanh(raw / clip)
+  b = targets.shape[0]
+  own = (jnp.arange(everyone.shape[0])[:, None] == start + jnp.arange(b)[None, :])
+  negatives = jnp.where(own[:, :, None], -jnp.inf, scores).reshape(everyone.shape[0], -1)
+  negative_log_sum = jax.lax.dynamic_slice_in_dim(
+      sharded_logsumexp(negatives, axis_name), start, b)                # [b]
+  positive = jax.lax.dynamic_slice_in_dim(scores, start, b)[jnp.arange(b), jnp.arange(b)]
+  nce = jnp.mean(jnp.logaddexp(positive, negative_log_sum[:, None]) - positive)
+  if axis_name is not None:
+    nce = jax.lax.pmean(nce, axis_name)
+    regulariser = jax.lax.pmean(regulariser, axis_name)
+  return nce, regulariser

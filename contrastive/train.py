@@ -35,7 +35,8 @@ say = loop.say
 # ----------------------------------------------------------------------------- views
 
 def device_views(step_key, batch, views) -> tuple[jax.Array, ...]:
-  """This replica's augmented images, one array per view the method declares.
+  """This replica's augmented images, one array per view the method declares
+  (a view with a grid: its patches).
 
   Each image's randomness comes from its position in the global batch (and the
   view's number), so the views do not depend on how the batch is split across
@@ -48,7 +49,11 @@ def device_views(step_key, batch, views) -> tuple[jax.Array, ...]:
 
   def one_view(number: int, images, view):
     keys = jax.vmap(jax.random.fold_in, (0, None))(image_keys, number)
-    return augment.augment_images(keys, images, view.aug, view.size, crop=not streamed)
+    if view.grid is None:
+      return augment.augment_images(keys, images, view.aug, view.size, crop=not streamed)
+    grid = view.grid
+    return augment.augment_patch_grid(keys, images, view.aug, view.size, grid.size,
+                                      grid.stride, grid.aug, crop=not streamed)
 
   return tuple(one_view(v + 1, images, view)
                for v, (images, view) in enumerate(zip(pixels, views)))
@@ -221,6 +226,8 @@ def check_config(config: ml_collections.ConfigDict, method: Method) -> None:
                     f'{method.name!r}: set config.method={method.name!r}.')
   for view in method.views(config):
     problems += config_checks.check_augmentation(view.aug, view.field)
+    if view.grid is not None:
+      problems += config_checks.check_patch_grid(view.grid, view.size)
   config_checks.validate_pretraining(config, extra=problems)
 
 

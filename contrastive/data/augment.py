@@ -315,6 +315,11 @@ def augment_images(keys, images, aug, out_size: int, crop: bool) -> jax.Array:
   Lets the caller tie each image's randomness to something stable, such as its
   position in the global batch.
   """
+  return _normalize(_augment_unnormalized(keys, images, aug, out_size, crop), aug)
+
+
+def _augment_unnormalized(keys, images, aug, out_size: int, crop: bool) -> jax.Array:
+  """:func:`augment_images` before the normalisation: float32 in [0, 1]."""
   if not crop and images.shape[1:3] != (out_size, out_size):
     raise ValueError(f'crop=False needs {out_size}x{out_size} images, got '
                      f'{images.shape[1]}x{images.shape[2]}.')
@@ -328,13 +333,18 @@ def augment_images(keys, images, aug, out_size: int, crop: bool) -> jax.Array:
   blur_prob, blur_sigma = float(aug.blur_prob), tuple(aug.blur_sigma)
   kernel_size = blur_kernel_size(out_size)
   solarize_prob = float(aug.solarize_prob)
+  # Only sections that have it (CPC's patches) draw for it, so that adding the
+  # field changed no other view's draws.
+  channel_drop_prob = float(aug.get('channel_drop_prob', 0.0))
+  extra = 2 if channel_drop_prob > 0 else 0
 
   def augment_one(rng, image):
     # One random call per image feeds every choice: each call compiles to its
     # own sizeable hash graph, so this keeps compile time down.
-    u = jax.random.uniform(rng, (_CROP_DRAWS + _JITTER_DRAWS + 6,))
-    crop_u, jitter_u = u[:_CROP_DRAWS], u[_CROP_DRAWS:-6]
-    flip_u, jitter_prob_u, gray_u, sigma_u, blur_u, solarize_u = u[-6:]
+    u = jax.random.uniform(rng, (_CROP_DRAWS + _JITTER_DRAWS + 6 + extra,))
+    crop_u, jitter_u = u[:_CROP_DRAWS], u[_CROP_DRAWS:_CROP_DRAWS + _JITTER_DRAWS]
+    rest = u[_CROP_DRAWS + _JITTER_DRAWS:]
+    flip_u, jitter_prob_u, gray_u, sigma_u, blur_u, solarize_u = rest[:6]
     x = image.astype(jnp.float32) / 255.0
     if crop:
       box = _crop_box(crop_u, x.shape[0], x.shape[1], crop_area, crop_aspect)
@@ -347,7 +357,56 @@ def augment_images(keys, images, aug, out_size: int, crop: bool) -> jax.Array:
     x = _apply_with_prob(blur_u, blur_prob,
                          lambda y: gaussian_blur(y, sigma, kernel_size), x)
     x = _apply_with_prob(solarize_u, solarize_prob, solarize, x)
+    if extra:
+      drop_u, channel_u = rest[6:]
+      x = _apply_with_prob(drop_u, channel_drop_prob,
+                           lambda y: keep_one_channel(y, channel_u), x)
     return jnp.clip(x, 0.0, 1.0)
 
-  views = jax.vmap(augment_one)(keys, images)
-  return _normalize(views, aug)
+  return jax.vmap(augment_one)(keys, images)
+
+
+def keep_one_channel(image, draw):
+  """CPC's colour dropping: one channel, chosen by the uniform ``draw``, kept; the
+  other two set to 0, so no colour cue survives between neighbouring patches."""
+  kept = jnp.minimum(jnp.floor(draw * 3), 2)
+  return jnp.where(jnp.arange(3) == kept, image, 0.0)
+
+
+# ----------------------------------------------------------------- patch grids
+
+
+def grid_side(image_size: int, patch_size: int, stride: int) -> int:
+  """Patches per row and column of an image cut into a grid."""
+  return (image_size - patch_size) // stride + 1
+
+
+def cut_grid(images, patch_size: int, stride: int) -> jax.Array:
+  """``[B, S, S, C] -> [B, G * G, p, p, C]``: overlapping ``p`` x ``p`` patches at
+  ``stride``, row by row (patch ``r * G + c`` starts at ``(r, c) * stride``)."""
+  side = grid_side(images.shape[1], patch_size, stride)
+  return jnp.stack([images[:, r * stride:r * stride + patch_size,
+                           c * stride:c * stride + patch_size]
+                    for r in range(side) for c in range(side)], axis=1)
+
+
+def augment_patch_grid(keys, images, aug, size: int, patch_size: int, stride: int,
+                       patch_aug, crop: bool) -> jax.Array:
+  """CPC's views: ``[B, G * G, p, p, 3]`` patches, each augmented on its own.
+
+  The image first gets ``aug`` at ``size`` (its crop and flip; its colour
+  operations, if any), then is cut into the grid (:func:`cut_grid`), then every
+  patch gets ``patch_aug`` (a crop within the patch resized back to ``p``, flip,
+  colour, ``channel_drop_prob``) with a key folded from its image's key and its
+  place in the grid. ``aug``'s normalisation comes last, as evaluation applies it
+  to the whole image before cutting the same grid.
+  """
+  whole = _augment_unnormalized(keys, images, aug, size, crop)
+  patches = cut_grid(whole, patch_size, stride)
+  batch, count = patches.shape[:2]
+  patch_keys = jax.vmap(lambda key: jax.vmap(jax.random.fold_in, (None, 0))(
+      key, jnp.arange(count)))(keys).reshape(-1)
+  # Values in [0, 255], as _augment_unnormalized reads its uint8 input.
+  out = _augment_unnormalized(patch_keys, patches.reshape(-1, *patches.shape[2:]) * 255.0,
+                              patch_aug, patch_size, crop=True)
+  return _normalize(out, aug).reshape(patches.shape)

@@ -69,3 +69,24 @@ def byol_augment_config(blur_prob: float, solarize_prob: float) -> ml_collection
   aug.brightness, aug.contrast, aug.saturation, aug.hue = 0.4, 0.4, 0.2, 0.1
   aug.solarize_prob = solarize_prob
   return aug
+
+
+def cpc_patch_augment_config() -> ml_collections.ConfigDict:
+  """What each CPC patch gets on its own (``config.cpc.patch_aug``).
+
+  CPC v2's patch augmentation (Henaff et al. 2020): colour dropping, two of the
+  three channels dropped, here set to 0 (``channel_drop_prob``, every patch),
+  and horizontal flips; then a crop of 70-100% of the patch's area resized back
+  to the patch (this library's choice: the paper's further spatial augmentations
+  are not specified in what was read). No normalisation here: the view's
+  ``config.aug.mean`` / ``std`` apply to the patches, as they do in evaluation.
+  """
+  aug = simclr_augment_config(blur_prob=0.0)
+  aug.crop_area = (0.7, 1.0)
+  aug.crop_aspect = (3 / 4, 4 / 3)
+  aug.flip_prob = 0.5
+  aug.color_jitter_prob = 0.0
+  aug.grayscale_prob = 0.0
+  aug.channel_drop_prob = 1.0
+  del aug['mean'], aug['std']
+  return aug

@@ -10,19 +10,22 @@ method from :data:`METHODS`; the trainer also accepts any ``Method`` directly,
 so a method can live outside the library.
 """
 
+from contrastive.methods import amdim
 from contrastive.methods import byol
 from contrastive.methods import cmc
+from contrastive.methods import cpc
 from contrastive.methods import instance_cls
 from contrastive.methods import membank
 from contrastive.methods import moco
 from contrastive.methods import moco_v3
 from contrastive.methods import simclr
-from contrastive.methods.contract import (Batch, Context, LossOutput, Method, RunInfo,
-                                          TrainState, View)
+from contrastive.methods.contract import (Batch, Context, LossOutput, Method, PatchGrid,
+                                          RunInfo, TrainState, View)
 
 METHODS = {method.name: method for method in (simclr.METHOD, moco.METHOD, membank.METHOD,
                                              instance_cls.METHOD, byol.METHOD,
-                                             moco_v3.METHOD, cmc.METHOD)}
+                                             moco_v3.METHOD, cmc.METHOD, cpc.METHOD,
+                                             amdim.METHOD)}
 
 
 def get_method(name: str) -> Method:

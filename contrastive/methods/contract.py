@@ -48,20 +48,36 @@ class Context(NamedTuple):
   axis_name: str | None               # the mesh axis in the per-replica step
 
 
+class PatchGrid(NamedTuple):
+  """A view cut into a grid of overlapping patches, each augmented on its own.
+
+  ``size`` x ``size`` patches every ``stride`` pixels of the view, each given
+  ``aug`` (its crop is within the patch); ``field`` names ``aug`` in the config.
+  """
+  size: int
+  stride: int
+  aug: ml_collections.ConfigDict
+  field: str
+
+
 class View(NamedTuple):
   """One augmented view of every image: its augmentation section and size.
 
   ``field`` is where ``aug`` sits in the config, so that a bad value is reported
-  by name (``config.aug.flip_prob``).
+  by name (``config.aug.flip_prob``). With a ``grid``, the view reaches the loss
+  as patches, ``[b, G * G, p, p, 3]`` (:func:`contrastive.data.augment.
+  augment_patch_grid`): ``aug`` crops and flips the whole image, the grid's own
+  section each patch, and ``aug``'s normalisation comes last.
   """
   aug: ml_collections.ConfigDict
   size: int
   field: str = 'aug'
+  grid: PatchGrid | None = None
 
 
 class Batch(NamedTuple):
   """What a method's loss sees of one step's input, on one replica."""
-  views: tuple[jax.Array, ...]   # float32 [b, size, size, 3], in the order of ``views``
+  views: tuple[jax.Array, ...]   # float32 [b, size, size, 3] (a grid: [b, G * G, p, p, 3])
   index: jax.Array               # int32 [b]: each image's position in the training split
 
 
