@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9
   config.optim.nesterov = False
   config.optim.trust_coefficient = 1e-3
+  config.optim.adam_betas = (0.9, 0.999)   # AdamW only: the moments' decay rates
 
   config.eval = ml_collections.ConfigDict()
   config.eval.enabled = True               # kNN + linear probe at the end of training
@@ -179,6 +180,7 @@ def downstream_config() -> ml_collections.ConfigDict:
   config.optim.nesterov = False
   config.optim.weight_decay = 0.0          # kernels only, never biases or BN
   config.optim.trust_coefficient = 1e-3    # LARS only
+  config.optim.adam_betas = (0.9, 0.999)   # AdamW only
   config.optim.warmup_epochs = 0.0          # linear warmup from 0, then the schedule
   config.optim.schedule = 'cosine'         # 'cosine' to 0, or 'steps'
   config.optim.decay_epochs = (60.0, 80.0)  # 'steps': lr x decay_factor at each

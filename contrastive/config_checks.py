@@ -92,6 +92,10 @@ def _optim_problems(config) -> list[str]:
       ('optim.lr_scaling', optim.LR_SCALINGS), ('optim.warmup_epochs', '>= 0'),
       ('optim.schedule', optim.SCHEDULES), ('optim.decay_factor', '> 0'),
       ('optim.weight_decay', '>= 0'), ('optim.momentum', 'in [0, 1)')))
+  betas = config.optim.get('adam_betas', (0.9, 0.999))
+  if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+          and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+    problems.append(f'{_show("optim.adam_betas", betas)}; must be a pair in [0, 1)')
   epochs = config.optim.decay_epochs
   if not (isinstance(epochs, (tuple, list)) and all(map(_is_number, epochs))
           and all(e >= 0 for e in epochs) and list(epochs) == sorted(epochs)):

@@ -91,5 +91,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule) -> optax.Gradient
         optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov))
   if optim.name == 'adamw':
-    return optax.adamw(schedule, weight_decay=optim.weight_decay, mask=decay_mask)
+    b1, b2 = optim.get('adam_betas', (0.9, 0.999))
+    return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=optim.weight_decay,
+                       mask=decay_mask)
   raise ValueError(f'optim.name={optim.name!r}; valid: {", ".join(OPTIMIZERS)}')
