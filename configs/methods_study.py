@@ -3,7 +3,8 @@
     python -m contrastive.studies.methods --config=configs/methods_study.py \
         --workdir=/tmp/methods --config.budget.data_path=/tmp/data/cifar10_sub
 
-SimCLR, MoCo v2, SimCLR v2 (memory queue), BYOL, MoCo v3 and CMC, each from its
+SimCLR, MoCo v2, SimCLR v2 (memory queue), BYOL, MoCo v3, CMC, CPC v2 and AMDIM,
+each from its
 own CIFAR-10 file, on one budget: a ResNet-18 (CIFAR stem) of width 0.125, batch
 128, 5 epochs with half an epoch of warmup, the kNN monitor (k=200) after every
 epoch, 500 images per class held out, queues of at most 4096 keys. On a GPU,
@@ -19,7 +20,8 @@ def get_config(arg=None):
   config.runs = (('SimCLR', 'simclr_cifar10'), ('MoCo v2', 'moco_v2_cifar10'),
                  ('SimCLR v2 (memory queue)', 'simclr_v2_cifar10'),
                  ('BYOL', 'byol_cifar10'), ('MoCo v3', 'moco_v3_cifar10'),
-                 ('CMC', 'cmc_cifar10'))
+                 ('CMC', 'cmc_cifar10'), ('CPC v2', 'cpc_cifar10'),
+                 ('AMDIM', 'amdim_cifar10'))
   config.budget = ml_collections.ConfigDict()
   config.budget.data_path = ''             # a folder of images, one sub-folder per class
   config.budget.holdout_per_class = 500

@@ -119,6 +119,13 @@ def _configure(config, method):
   config.cmc.num_negatives = 40
   config.cmc.queue_size = 64
   config.cmc.momentum = 0.9
+  # CPC: 16 px images -> a 7 x 7 grid of 4 px patches, LayerNorm (no statistics).
+  config.cpc.patch_size, config.cpc.patch_stride = 4, 2
+  config.cpc.target_dim = config.cpc.context_channels = 8
+  config.cpc.context_blocks = 2
+  config.cpc.directions, config.cpc.offsets = ('down', 'left'), (2, 3)
+  config.amdim.embed_dim = 16       # taps of a 16 px ImageNet-stem ResNet: 1 x 1 maps
+  config.amdim.local_maps = ('stem', 'stage1')
 
 
 TINY_VIT = {'model.name': 'vit_tiny', 'model.vit.patch_size': 4, 'model.vit.depth': 2,
@@ -152,6 +159,10 @@ def _override(config, overrides):
     # to all keys), and AdamW, dividing by the gradient's own scale, would move it
     # by +-lr on that rounding, differently on 1 and 8 devices, to no effect.
     ('moco_v3', 'sgd', TINY_VIT),
+    # CPC: one patch grid per image, negatives the global batch's patches; AdamW,
+    # whose division by each gradient's own scale the 2-step comparison also covers.
+    ('cpc', 'adamw', {'model.norm': 'layer'}),
+    ('amdim', 'lars', {}),
 ], ids=lambda value: ','.join(f'{k}={v}' for k, v in value.items())
     if isinstance(value, dict) else str(value))
 def test_step_on_8_devices_equals_1_device(config, method, optimizer, overrides):
@@ -179,8 +190,11 @@ def test_step_on_8_devices_equals_1_device(config, method, optimizer, overrides)
     _assert_trees_close_with_floor(state8.params, state1.params)
   else:
     _assert_trees_close(_real_rows(state8.params), _real_rows(state1.params))
-  tolerances.assert_batch_stats_close(state8.model_state['batch_stats'],
-                                     state1.model_state['batch_stats'])
+  if method == 'cpc':          # LayerNorm: no statistics at all
+    assert state8.model_state == state1.model_state == {}
+  else:
+    tolerances.assert_batch_stats_close(state8.model_state['batch_stats'],
+                                       state1.model_state['batch_stats'])
   # The optimizer's traces are gradients, which bfloat16 rounds too.
   if 'vit' in config.model.name:
     _assert_trees_close_with_floor(state8.opt_state, state1.opt_state)
@@ -201,6 +215,13 @@ def test_step_on_8_devices_equals_1_device(config, method, optimizer, overrides)
   # head and encoder; a ViT's are in its heads, its frozen projection stays).
   pick = lambda tree, view: tree if view is None else tree[view]
   stats = lambda state: state.model_state['batch_stats']
+  if method in ('cpc', 'amdim'):    # no projection head: the encoder, the method's maps
+    moved = {'cpc': ('target', 'predict_left_3', 'context_down'),
+             'amdim': ('global_head', 'stem_head', 'stage1_head')}[method]
+    for name in ('encoder', *moved):
+      assert not all(map(np.allclose, jax.tree.leaves(state1.params[name]),
+                         jax.tree.leaves(initial.params[name]))), name
+    return
   for view in ('l', 'ab') if method == 'cmc' else (None,):
     assert not np.allclose(pick(state1.params['head'], view)['Dense_0']['kernel'],
                            pick(initial.params['head'], view)['Dense_0']['kernel'])

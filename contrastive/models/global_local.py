@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 
 class ResidualEmbedding(nn.Module):
-  """``BN(W2 relu(BN(W1 x)) + (W0 x + b))`` on the last axis of ``x``."""
+  """``BN(W2 relu(BN(W1 x)) + W0 x)`` on the last axis of ``x``."""
   features: int
   bn_axis_name: str | None = None
   bn_momentum: float = 0.9
@@ -31,7 +31,8 @@ class ResidualEmbedding(nn.Module):
     h = nn.Dense(self.features, use_bias=False, dtype=self.dtype, name='hidden')(x)
     h = nn.relu(norm('hidden_bn')(h))
     h = nn.Dense(self.features, use_bias=False, dtype=self.dtype, name='out')(h)
-    shortcut = nn.Dense(self.features, dtype=self.dtype, name='shortcut')(x)
+    # No bias: the BatchNorm after the sum removes any shift.
+    shortcut = nn.Dense(self.features, use_bias=False, dtype=self.dtype, name='shortcut')(x)
     return norm('out_bn')(h + shortcut).astype(jnp.float32)
 
 

@@ -133,8 +133,11 @@ class CPCNetwork(nn.Module):
     side = int(round(count ** 0.5))
     features = self.encoder(patches.reshape(batch * count, *patches.shape[2:]), train=train)
     latents = features.reshape(batch, side, side, -1)
-    dense = lambda name: nn.Dense(self.target_dim, dtype=self.dtype, name=name)
-    targets = dense('target')(latents).astype(jnp.float32)
+    dense = lambda name, bias=True: nn.Dense(self.target_dim, use_bias=bias,
+                                             dtype=self.dtype, name=name)
+    # No bias: it would add the same q . b to every logit of a prediction's
+    # softmax, which nothing can learn (under Adam it would drift on rounding).
+    targets = dense('target', bias=False)(latents).astype(jnp.float32)
     predictions = {}
     for direction in self.directions:
       context = ContextNetwork(self.context_channels, self.context_blocks, self.dtype,
