@@ -258,10 +258,10 @@ def _cpc_lines(rows: list[dict], memory: list[dict]) -> list[str]:
                    f'{plain["name"]}\'s activations'
                    + ('' if time == '-' else f', at {time}x its step time'))
   if memory:
-    traced = rows[4]
-    lines += [f'{FLAGS.cpc_config.data.image_size} px CPC v2 on {FLAGS.gpus} devices at '
-              f'global batch {traced["batch"]} ({memory[0]["images_per_device"]} images '
-              f'each), GB a device: b x A (or traced) + P + P + S',
+    size = next(row['image_size'] for row in rows[2:] if 'image_size' in row)
+    batch, per_device = rows[4]['batch'], memory[0]['images_per_device']
+    lines += [f'{size} px CPC v2 on {batch // per_device} devices at global batch {batch} '
+              f'(b = {per_device} images each), GB a device: b x A (or traced) + P + P + S',
               f'{"":<34}{"activations":>12}{"params":>8}{"grads":>8}{"optim":>8}{"total":>8}']
     for estimate in memory:
       how = ('traced' if estimate['activations'] == 'traced' else

@@ -117,3 +117,45 @@ def test_cost_activations_only_traces_what_each_variant_keeps(config):
       0.5 * rows['end to end']['saved_activation_bytes'])
   assert cost._line(rows['remat']).split()[-1] == (  # pylint: disable=protected-access
       f'{rows["remat"]["saved_activation_bytes"] / cost.GB:.2f}')
+
+
+def test_cost_cpc_comparison_reports_ratios_and_the_memory_per_device(config):
+  """--compare=cpc, traced only: a CPC v2 grid of patches keeps more activations
+  an image than SimCLR's two views; the memory of a larger run is the formula
+  b x A + P + P + S, with Adam's two moments as S, and the step traced at that
+  batch keeps at least the extrapolation (the loss scores every query of the
+  global batch)."""
+  from benchmarks import cost  # pylint: disable=import-outside-toplevel
+  cpc = config.copy_and_resolve_references()
+  cpc.method, cpc.model.norm, cpc.optim.name = 'cpc', 'layer', 'adamw'
+  cpc.cpc.patch_size, cpc.cpc.patch_stride = 4, 2       # 16 px: a 7 x 7 grid
+  cpc.cpc.target_dim = cpc.cpc.context_channels = 8
+  cpc.cpc.context_blocks = 2
+  rows = []
+  for name, variant, batch, remat in [
+      ('SimCLR', config, 16, ()), ('SimCLR, remat', config, 16, cost.REMAT_ALL),
+      ('CPC v2', cpc, 16, ()), ('CPC v2, remat', cpc, 16, cost.REMAT_ALL),
+      ('CPC v2, 8 x 4', cpc, 32, ()), ('CPC v2, remat, 8 x 4', cpc, 32, cost.REMAT_ALL)]:
+    variant = variant.copy_and_resolve_references()
+    variant.global_batch_size, variant.model.remat_stages = batch, remat
+    rows.append(cost.measure(variant, name, run=False, steps=1, compile_step=False))
+  assert [row['devices'] for row in rows] == [8] * 6
+  memory = cost.cpc_memory(rows, per_device=4)
+  assert [(m['remat'], m['activations']) for m in memory] == [
+      (False, 'extrapolated'), (False, 'traced'), (True, 'extrapolated'), (True, 'traced')]
+  for estimate, small, full in zip(memory[::2], rows[2:4], rows[4:]):
+    per_image = small['saved_activation_bytes'] / 2        # 2 images a device
+    assert estimate['activation_bytes'] == 4 * per_image
+    assert full['saved_activation_bytes'] > 4 * per_image
+  for estimate in memory:
+    params = estimate['param_bytes']
+    assert estimate['gradient_bytes'] == params
+    assert 2 * params <= estimate['opt_state_bytes'] < 2 * params + 64   # Adam: mu, nu, count
+    assert estimate['total_bytes'] == (estimate['activation_bytes'] + 2 * params
+                                       + estimate['opt_state_bytes'])
+  lines = cost._cpc_lines(rows, memory)    # pylint: disable=protected-access
+  simclr_per_image = rows[0]['saved_activation_bytes'] / 2
+  assert lines[2].split()[-2:] == [f'{simclr_per_image / cost.MB:.1f}', '1.00']
+  assert lines[4].split()[-1] == f'{rows[2]["saved_activation_bytes"] / 2 / simclr_per_image:.2f}'
+  assert float(lines[4].split()[-1]) > 1
+  assert lines[-1].startswith('(A: saved activations per image')

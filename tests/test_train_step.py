@@ -124,7 +124,7 @@ def _configure(config, method):
   config.cpc.target_dim = config.cpc.context_channels = 8
   config.cpc.context_blocks = 2
   config.cpc.directions, config.cpc.offsets = ('down', 'left'), (2, 3)
-  config.amdim.embed_dim = 16       # taps of a 16 px ImageNet-stem ResNet: 1 x 1 maps
+  config.amdim.embed_dim = 16       # the tiny CIFAR-stem ResNet's stem and stage 1: 16 x 16
   config.amdim.local_maps = ('stem', 'stage1')
 
 
