@@ -37,6 +37,7 @@ _LONGEST_FIRST = (
     'tests/test_transfer.py::test_fine_tunes_the_exported_backbone_and_evaluates',
     'tests/test_robustness.py::test_sigterm_saves_the_step_in_flight',
     'tests/test_cmc.py::test_a_killed_run_resumes',
+    'tests/test_cpc_amdim_runs.py::test_a_killed_run_resumes',
     'tests/test_byol_moco_v3.py::test_killed_run_resumes',
     'tests/test_vit_runs.py::test_a_killed_vit_run_resumes',
     'tests/test_new_method_and_encoder.py::test_it_trains',
