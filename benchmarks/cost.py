@@ -17,15 +17,16 @@ and the activations the backward pass keeps, the residuals of ``jax.vjp`` of the
 method's loss per device, which no compiler scheduling changes. XLA:CPU does not
 schedule rematerialised code to save memory (it runs the recomputation early),
 so on CPU only that last column shows what remat saves; on a GPU the compiled
-and peak memory show it too.
+and peak memory show it too (and on CPU remat's step time may not show the
+recomputation either).
 
 ``--compare=cpc``: CPC v2 (``--cpc_config``, a 7 x 7 grid of 64 px patches of a
 256 px image: 49 encoder passes an image) against SimCLR (``--config``) at the
 same ``--batch`` of images, each without and with every ResNet stage
-rematerialised, all four timed; on a 2-core CPU::
+rematerialised, all four timed (on a 2-core CPU about 25 minutes)::
 
     python -m benchmarks.cost --compare=cpc --config=configs/simclr_imagenet.py \
-        --cpc_config=configs/cpc_imagenet.py --batch=4 --steps=3 --json=/tmp/cpc_cost.json
+        --cpc_config=configs/cpc_imagenet.py --batch=8 --steps=3 --json=/tmp/cpc_cost.json
 
 The rows' step times and saved activations per image are also given as ratios
 to the SimCLR row of the same run (times on a shared machine move; their ratio
@@ -37,11 +38,12 @@ at ``--cpc_config``'s global batch (512: b = 8 images a device)::
 A the saved activations per image (the CPC rows of this run, at ``--batch``),
 P the parameters' bytes (and as many again for their gradients), S the
 optimizer's state (measured; Adam's two moments: 2 x P). Activations grow with
-the images a device holds, except the loss's scores of every query of the
-global batch against the device's own patches (b x B x 49 x 126 floats for B
-images of 49 patches, 126 predictions each), so ``b x A`` misses part of them:
-two more rows trace the step itself (nothing compiled or run) on ``--gpus``
-simulated CPU devices at the global batch, the measured figure that the
+the images a device holds, except the loss's float32 scores of every prediction
+of the global batch against the device's own patches (B x 126 x b x 49 for a
+global batch of B images of 49 patches, 126 predictions each with the config's
+directions and offsets: about 0.1 GB at B = 512), which ``b x A`` measured at a
+small batch misses: two more rows trace the step itself (nothing compiled or
+run) on ``--gpus`` simulated CPU devices at the global batch, the figure the
 extrapolation is checked against. Not counted either way: XLA's temporaries
 (convolution workspaces, values alive in the forward pass before the backward
 takes them), the input batch, and the allocator's fragmentation; on GPUs, the

@@ -1,7 +1,8 @@
 """The step benchmark times the trainer's step on each input through the trainer's
 input stage, reports each row's median round, goes on past a row that runs out of
 device memory and profiles the step's ops; the cost benchmark keeps a row that
-runs out of device memory, and traces alone give its saved activations."""
+runs out of device memory, traces alone give its saved activations, and its CPC
+comparison's memory per device is the formula it prints."""
 
 import jax
 import numpy as np
