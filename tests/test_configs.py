@@ -341,7 +341,7 @@ def test_methods_study_applies_one_budget_to_every_recipe():
   config.budget.data_path = '/data/cifar10'
   runs = {recipe: methods.run_config(recipe, config.budget) for _, recipe in config.runs}
   assert {run.method for run in runs.values()} == {'simclr', 'moco', 'byol', 'moco_v3',
-                                                    'cmc'}
+                                                    'cmc', 'cpc', 'amdim'}
   for recipe, run in runs.items():
     assert (run.global_batch_size, run.num_epochs, run.model.width) == (128, 5.0, 0.125)
     assert (run.data.path, run.data.holdout_per_class) == ('/data/cifar10', 500), recipe
@@ -353,3 +353,4 @@ def test_methods_study_applies_one_budget_to_every_recipe():
   # The recipes stay their own: BYOL keeps its asymmetric views, SimCLR v2 its queue.
   assert runs['byol_cifar10'].aug2.solarize_prob == 0.2
   assert runs['simclr_v2_cifar10'].simclr.queue_size > 0
+  assert runs['cpc_cifar10'].model.norm == 'layer'
